@@ -57,6 +57,8 @@ def save_converted(converted: ConvertedModel, out_dir: str | Path, *, overwrite:
         raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
     model = converted.model
     spec = converted.loaded.spec
+    if not converted.base_identity:
+        raise CheckpointError("the converted model does not record its base model's identity")
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for name, block in find_blocks(model, spec):
@@ -71,7 +73,7 @@ def save_converted(converted: ConvertedModel, out_dir: str | Path, *, overwrite:
     meta = {
         "format_version": FORMAT_VERSION,
         "moefy_version": __version__,
-        "base": converted.loaded.identity(),
+        "base": converted.base_identity,
         "config": converted.config.to_json(),
         "layers": layers,
         "conversion_seconds": converted.seconds,
@@ -163,7 +165,10 @@ def load_converted(path: str | Path, base: LoadedModel | None = None) -> Convert
     leftover = set(tensors) - used
     if leftover:
         raise CheckpointError(f"checkpoint has tensors for no known layer: {sorted(leftover)[:5]}")
-    return ConvertedModel(loaded=loaded, config=ConvertConfig.from_json(meta["config"]), seconds=meta.get("conversion_seconds", 0.0))
+    return ConvertedModel(
+        loaded=loaded, config=ConvertConfig.from_json(meta["config"]),
+        seconds=meta.get("conversion_seconds", 0.0), base_identity=recorded,
+    )
 
 
 def _empty_moe(ffn, layer: dict) -> MoEFFN:

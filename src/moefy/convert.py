@@ -110,6 +110,7 @@ class ConvertedModel:
     layers: list[LayerReport] = field(default_factory=list)
     calibrations: list[LayerCalibration] = field(default_factory=list)
     seconds: float = 0.0
+    base_identity: dict = field(default_factory=dict)  # the dense model's, recorded before conversion
 
     @property
     def model(self) -> nn.Module:
@@ -224,7 +225,7 @@ def convert(
     d_ff = extract_ffn(blocks[0][1], spec).d_ff
     config.validate(d_ff)
     _check_calibration(calibration, config)
-    result = ConvertedModel(loaded=loaded, config=config)
+    result = ConvertedModel(loaded=loaded, config=config, base_identity=loaded.identity())
     bar = tqdm(total=len(blocks), desc="converting", disable=not progress)
     t0 = time.perf_counter()
 

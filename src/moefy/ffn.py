@@ -109,7 +109,9 @@ def ffn_output_module(block: nn.Module, spec: ArchSpec) -> nn.Module:
 
 
 def swap_ffn(block: nn.Module, spec: ArchSpec, new_ffn: nn.Module) -> None:
-    """Replace the block's FFN by `new_ffn`, a module mapping x (..., d) to y (..., d)."""
+    """Replace the block's FFN by `new_ffn`, a module mapping x (..., d) to y (..., d).
+    The new module takes the block's train/eval mode."""
+    new_ffn.train(block.training)
     if spec.ffn is not None:
         set_submodule(block, spec.ffn, new_ffn)
         return

@@ -240,8 +240,11 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
     start = time.perf_counter()
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
-            curve.append((step, evaluate(model, val_x, val_y, cfg.batch_size)[0]))
-            log.info("%s step %d/%d val loss %.4f", scheme.name, step, cfg.steps, curve[-1][1])
+            val_loss, counts = evaluate(model, val_x, val_y, cfg.batch_size)
+            curve.append((step, val_loss))
+            load = " ".join(f"{float(c.max() / c.mean()):.2f}" for c in counts)
+            log.info("%s step %d/%d: val loss %.4f, max/mean expert load per layer [%s]",
+                     scheme.name, step, cfg.steps, val_loss, load)
         starts = torch.randint(0, train.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=data_gen)
         x, y = _windows(train, cfg.seq_len, starts)
         for group in opt.param_groups:

@@ -33,8 +33,11 @@ def grouped_expert_outputs(x: Tensor, weights: ExpertWeights, idx: Tensor) -> Te
     slots = slots[order]  # (N,) grouped by expert
     xs = x[slots // k]  # (N, D) each slot's token
     counts = experts.bincount(minlength=weights.num_experts).tolist()  # one host sync per call
+    # unbind, not w[e]: its backward stacks the E gradients once instead of adding E full-size zeros
+    w_in, w_out = weights.w_in.unbind(0), weights.w_out.unbind(0)  # E × (S_in, D), E × (S, D)
+    b_in = weights.b_in.unbind(0) if weights.b_in is not None else None
     outs = [
-        weights.expert_activation(chunk, e) @ weights.w_out[e]  # (n_e, S) @ (S, D) -> (n_e, D)
+        _activation(chunk, w_in[e], None if b_in is None else b_in[e], weights) @ w_out[e]  # (n_e, D)
         for e, chunk in enumerate(xs.split(counts))
         if chunk.shape[0] > 0
     ]
@@ -42,6 +45,17 @@ def grouped_expert_outputs(x: Tensor, weights: ExpertWeights, idx: Tensor) -> Te
     if outs:
         out = out.index_copy(0, slots, torch.cat(outs, dim=0))
     return out.view(t, k, x.shape[1])
+
+
+def _activation(x: Tensor, w_in: Tensor, b_in: Tensor | None, weights: ExpertWeights) -> Tensor:
+    """a_e(x) of one expert, as `ExpertWeights.expert_activation`: (n, D) -> (n, S)."""
+    pre = x @ w_in.t()  # (n, S_in)
+    if b_in is not None:
+        pre = pre + b_in
+    if not weights.gated:
+        return weights.act(pre)
+    gate, up = pre.chunk(2, dim=-1)
+    return weights.act(gate) * up
 
 
 def grouped_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor | None = None) -> Tensor:

@@ -40,7 +40,7 @@ def check_expert_norm(normalize: str | None) -> None:
         )
 
 
-def normalize_expert_output(v: Tensor, normalize: str, eps: float = 1e-6) -> Tensor:
+def normalize_expert_output(v: Tensor, normalize: str, eps: float = 1e-8) -> Tensor:
     """(..., D) -> (..., D): v / ‖v‖ ("l2") or v / sqrt(mean(v²)) ("rms"). Zero rows (empty slots) stay 0."""
     check_expert_norm(normalize)
     sq = v.pow(2).sum(-1, keepdim=True) if normalize == "l2" else v.pow(2).mean(-1, keepdim=True)

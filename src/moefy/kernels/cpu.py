@@ -1,0 +1,144 @@
+"""The C++ CPU expert kernel (`expert_ffn_cpu.cpp`): block-sparse products over the selected
+experts' rows, read in place, for one token and for batches alike.
+
+Inference with a recognised activation (SiLU, GeLU, tanh-GeLU, ReLU) is one fused C++ call. When
+gradients are needed, or the activation is not recognised, the same primitives run as two
+autograd Functions with the activation in torch between them:
+
+    pre = grouped_in(x, W_in)          (T*K, S_in)    backward: dx = grouped_out(dpre, W_in)
+    a   = act(gate) ⊙ up · scale       (T*K, S)       torch autograd
+    out = grouped_out(a, W_out)        (T, D)         backward: da = grouped_in(dout, W_out)
+    weight gradients: grouped_wgrad (per-expert outer products, only active experts non-zero)
+
+Arithmetic is fp32 (bf16 weights are widened on load); the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moefy.errors import InvalidArgumentError, MoefyError
+from moefy.kernels.cpu_ext import cpu_ops
+from moefy.kernels.slots import check_inputs, gated_activation
+from moefy.kernels.weights import ExpertWeights
+
+# Activation codes of the C++ source (enum Act).
+_KNOWN_ACTIVATIONS: dict[int, Callable[[Tensor], Tensor]] = {
+    1: F.silu,
+    2: F.gelu,
+    3: lambda v: F.gelu(v, approximate="tanh"),
+    4: F.relu,
+}
+_act_codes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def activation_code(act: Callable[[Tensor], Tensor]) -> int:
+    """The C++ code of `act` (0: not recognised), found by evaluating it on a probe, so any module
+    or function that computes SiLU/GeLU/ReLU (torch's, transformers', a lambda) is recognised."""
+    try:
+        return _act_codes[act]
+    except (KeyError, TypeError):
+        pass
+    probe = torch.linspace(-9.0, 9.0, 181, dtype=torch.float32)
+    code = 0
+    with torch.no_grad():
+        try:
+            got = act(probe)
+        except Exception:  # an activation that rejects a plain tensor: leave it to the torch path
+            got = None
+        if isinstance(got, Tensor) and got.shape == probe.shape and got.dtype == probe.dtype:
+            for c, ref in _KNOWN_ACTIVATIONS.items():
+                if torch.allclose(got, ref(probe), rtol=1e-6, atol=1e-6):
+                    code = c
+                    break
+    try:
+        _act_codes[act] = code
+    except TypeError:  # not weak-referenceable: recomputed each call
+        pass
+    return code
+
+
+def _ops() -> Any:
+    ops = cpu_ops()
+    if ops is None:
+        raise MoefyError("the C++ CPU expert kernels are unavailable (see the warning logged at first use)")
+    return ops
+
+
+class _GroupedIn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, slots: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(x, w, offsets, slots)
+        ctx.k, ctx.b_dtype = k, None if b is None else b.dtype
+        return _ops().grouped_in(x, w, b, offsets, slots, k)  # (T*K, S_in) fp32
+
+    @staticmethod
+    def backward(ctx: Any, dpre: Tensor) -> tuple[Tensor | None, ...]:
+        x, w, offsets, slots = ctx.saved_tensors
+        ops, k = _ops(), ctx.k
+        dpre = dpre.contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.grouped_out(dpre, w, offsets, slots, k, x.shape[0]).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = ops.grouped_wgrad(dpre, x, offsets, slots, k, w.shape[0]).to(w.dtype)
+        if ctx.needs_input_grad[2]:
+            counts = offsets[1:] - offsets[:-1]
+            expert_of_slot = torch.repeat_interleave(torch.arange(w.shape[0]), counts)
+            db = dpre.new_zeros(w.shape[0], w.shape[1]).index_add_(0, expert_of_slot, dpre[slots]).to(ctx.b_dtype)
+        return dx, dw, db, None, None, None
+
+
+class _GroupedOut(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, w: Tensor, offsets: Tensor, slots: Tensor, k: int, tokens: int) -> Tensor:
+        ctx.save_for_backward(a, w, offsets, slots)
+        ctx.k = k
+        return _ops().grouped_out(a, w, offsets, slots, k, tokens)  # (T, D) fp32
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        a, w, offsets, slots = ctx.saved_tensors
+        ops, k = _ops(), ctx.k
+        dout = dout.contiguous()
+        da = dw = None
+        if ctx.needs_input_grad[0]:
+            da = ops.grouped_in(dout, w, None, offsets, slots, k).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = ops.grouped_wgrad(a, dout, offsets, slots, k, w.shape[0]).to(w.dtype)
+        return da, dw, None, None, None, None
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cpu_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The expert FFN with the C++ kernels (CPU tensors, fp32 or bf16 weights); differentiable."""
+    check_inputs(x, weights, idx, scale)
+    ops = _ops()
+    w_in, w_out, b_in = weights.w_in.contiguous(), weights.w_out.contiguous(), weights.b_in
+    b_in = None if b_in is None else b_in.contiguous()
+    try:
+        if not _needs_grad(x, w_in, w_out, b_in, scale):
+            code = activation_code(weights.act)
+            if code:
+                return ops.fused_expert_ffn(x, w_in, b_in, w_out, idx, scale, code, weights.gated)
+        offsets, slots = ops.build_groups(idx, weights.num_experts)
+    except RuntimeError as err:
+        if "out of range" in str(err):
+            raise InvalidArgumentError(str(err).splitlines()[0]) from None
+        raise
+    t, k = idx.shape
+    pre = _GroupedIn.apply(x, w_in, b_in, offsets, slots, k)  # (T*K, S_in) fp32
+    a = gated_activation(pre, weights)  # (T*K, S)
+    if scale is not None:
+        a = a * scale.reshape(-1, 1)
+    out = _GroupedOut.apply(a.float().contiguous(), w_out, offsets, slots, k, t)  # (T, D) fp32
+    return out.to(x.dtype)

@@ -1,0 +1,513 @@
+// Block-sparse expert FFN primitives for CPU: read only the selected experts' rows, in place.
+//
+// Dimension legend: T tokens, D model width, E experts, R rows per expert of the weight in use
+// (S_in = 2S for the gated input projection, S otherwise), K slots per token, N used slots.
+//
+// A "slot" is one (token, choice) pair, numbered t * K + j. `build_groups` sorts the used slots by
+// expert (a counting sort, stable), so every expert's work is a contiguous slot list and every
+// weight block is streamed once per call:
+//
+//   grouped_in     pre[slot, :] = W[e] x[t] (+ b[e])              gather-GEMV/GEMM, dot-product form
+//   grouped_out    out[t, :]    = Σ_slots Σ_s a[slot, s] W[e, s, :]  scatter form (transposed weight)
+//   grouped_wgrad  dW[e]        = Σ_slots g[slot, :] ⊗ x[t, :]       weight gradient
+//   fused_decode   grouped_in → activation/gating/scale → grouped_out, one call (known activations)
+//
+// The backward pass needs no other primitive: d x of grouped_in is grouped_out with the same
+// weight, d a of grouped_out is grouped_in with the same weight, and both weight gradients are
+// grouped_wgrad. Weights are fp32 or bf16 (widened to fp32 on load); arithmetic is fp32.
+// Vectorised with GCC vector extensions, so one source serves AVX-512, AVX2 and NEON builds.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t L = 16;  // lanes of one vector
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+using bf16 = at::BFloat16;
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline vf load(const bf16* p) {
+  vu w = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
+  return reinterpret_cast<vf&>(w);
+}
+inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline float scalar(float v) { return v; }
+inline float scalar(bf16 v) { return static_cast<float>(v); }
+inline vf splat(float a) { return vf{} + a; }
+inline float hsum(vf v) {
+  vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouping
+
+struct Groups {
+  const int64_t* offsets;  // (E + 1,) start of each expert's slot list
+  const int64_t* slots;    // (N,) slot ids t * K + j, grouped by expert
+  int64_t k;
+};
+
+Groups groups_of(const at::Tensor& offsets, const at::Tensor& slots, int64_t k) {
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "groups must be int64");
+  TORCH_CHECK(offsets.is_contiguous() && slots.is_contiguous(), "groups must be contiguous");
+  return Groups{offsets.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), k};
+}
+
+std::tuple<at::Tensor, at::Tensor> build_groups(const at::Tensor& idx_in, int64_t num_experts) {
+  TORCH_CHECK(idx_in.dim() == 2 && idx_in.scalar_type() == at::kLong, "idx must be a (T, K) int64 tensor");
+  at::Tensor idx = idx_in.contiguous();
+  const int64_t n = idx.numel();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  at::Tensor offsets = at::zeros({num_experts + 1}, idx.options());
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t used = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = p[i];
+    if (e == -1) continue;
+    TORCH_CHECK(e >= 0 && e < num_experts, "expert index ", e, " out of range: valid are 0..",
+                num_experts - 1, " and -1 (empty slot)");
+    ++off[e + 1];
+    ++used;
+  }
+  for (int64_t e = 0; e < num_experts; ++e) off[e + 1] += off[e];
+  at::Tensor slots = at::empty({used}, idx.options());
+  int64_t* s = slots.data_ptr<int64_t>();
+  std::vector<int64_t> fill(off, off + num_experts);
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] != -1) s[fill[p[i]]++] = i;
+  }
+  return {offsets, slots};
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_in: pre[slot, r] = <W[e, r, :], x[t, :]> (+ b[e, r])
+
+// RB weight rows x TB tokens, accumulated over D; out[rb * TB + tb].
+template <int RB, int TB, typename W>
+inline void dot_tile(const float* const* xs, const W* w, int64_t D, float* out) {
+  vf acc[RB][TB];
+  for (int rb = 0; rb < RB; ++rb)
+    for (int tb = 0; tb < TB; ++tb) acc[rb][tb] = vf{};
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    vf xv[TB];
+    for (int tb = 0; tb < TB; ++tb) xv[tb] = load(xs[tb] + d);
+    for (int rb = 0; rb < RB; ++rb) {
+      const vf wv = load(w + rb * D + d);
+      for (int tb = 0; tb < TB; ++tb) acc[rb][tb] += wv * xv[tb];
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int tb = 0; tb < TB; ++tb) {
+      float s = hsum(acc[rb][tb]);
+      for (int64_t j = d; j < D; ++j) s += scalar(w[rb * D + j]) * xs[tb][j];
+      out[rb * TB + tb] = s;
+    }
+}
+
+template <int TB, typename W>
+inline void dot_rows(const float* const* xs, const W* w, int64_t rows, int64_t D, float* out) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) dot_tile<4, TB>(xs, w + r * D, D, out + r * TB);
+  switch (rows - r) {
+    case 3: dot_tile<3, TB>(xs, w + r * D, D, out + r * TB); break;
+    case 2: dot_tile<2, TB>(xs, w + r * D, D, out + r * TB); break;
+    case 1: dot_tile<1, TB>(xs, w + r * D, D, out + r * TB); break;
+    default: break;
+  }
+}
+
+struct InItem {
+  int64_t e, slot_begin, ntok, r0, r1;
+};
+
+constexpr int64_t IN_TB = 4;  // tokens per tile
+
+// Work items in expert-major order, so a static split streams each thread through contiguous
+// weight rows. Row chunks keep one chunk of weights cache-resident across the token blocks.
+std::vector<InItem> in_items(const Groups& g, int64_t E, int64_t R, int64_t D) {
+  int64_t rc = std::max<int64_t>(4, (int64_t(64) * 1024 / (4 * std::max<int64_t>(D, 1))) / 4 * 4);
+  rc = std::min(rc, R);
+  std::vector<InItem> items;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
+    if (n == 0) continue;
+    for (int64_t r0 = 0; r0 < R; r0 += rc)
+      for (int64_t t0 = 0; t0 < n; t0 += IN_TB)
+        items.push_back({e, b + t0, std::min(IN_TB, n - t0), r0, std::min(R, r0 + rc)});
+  }
+  return items;
+}
+
+template <typename W>
+void grouped_in_impl(const float* x, const W* w, const W* bias, const Groups& g, int64_t E, int64_t R,
+                     int64_t D, float* pre) {
+  const std::vector<InItem> items = in_items(g, E, R, D);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    constexpr int64_t rows_per_tile = 64;
+    float tile[IN_TB * rows_per_tile];
+    for (int64_t i = begin; i < end; ++i) {
+      const InItem& it = items[i];
+      const float* xs[IN_TB];
+      int64_t slot[IN_TB];
+      for (int64_t tb = 0; tb < it.ntok; ++tb) {
+        slot[tb] = g.slots[it.slot_begin + tb];
+        xs[tb] = x + (slot[tb] / g.k) * D;
+      }
+      for (int64_t r0 = it.r0; r0 < it.r1; r0 += rows_per_tile) {
+        const int64_t rows = std::min(rows_per_tile, it.r1 - r0);
+        const W* wr = w + (it.e * R + r0) * D;
+        switch (it.ntok) {
+          case 4: dot_rows<4>(xs, wr, rows, D, tile); break;
+          case 3: dot_rows<3>(xs, wr, rows, D, tile); break;
+          case 2: dot_rows<2>(xs, wr, rows, D, tile); break;
+          default: dot_rows<1>(xs, wr, rows, D, tile); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const float b = bias ? scalar(bias[it.e * R + r0 + r]) : 0.0f;
+          for (int64_t tb = 0; tb < it.ntok; ++tb) pre[slot[tb] * R + r0 + r] = tile[r * it.ntok + tb] + b;
+        }
+      }
+    }
+  });
+}
+
+void check_weight(const at::Tensor& w, const char* name) {
+  TORCH_CHECK(w.dim() == 3, name, " must be (E, rows, D)");
+  TORCH_CHECK(w.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.device().is_cpu(), name, " must be on the CPU");
+}
+
+at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+at::Tensor grouped_in(const at::Tensor& x_in, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                      const at::Tensor& offsets, const at::Tensor& slots, int64_t k) {
+  check_weight(w, "w");
+  const int64_t E = w.size(0), R = w.size(1), D = w.size(2);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == D, "x must be (T, ", D, ")");
+  const at::Tensor x = as_f32(x_in);
+  const int64_t T = x.size(0);
+  at::Tensor pre = at::zeros({T * k, R}, x.options());
+  const Groups g = groups_of(offsets, slots, k);
+  const bool has_b = b.has_value() && b->defined();
+  if (has_b) TORCH_CHECK(b->is_contiguous() && b->numel() == E * R && b->scalar_type() == w.scalar_type(), "bad bias");
+  if (w.scalar_type() == at::kFloat) {
+    grouped_in_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(), has_b ? b->data_ptr<float>() : nullptr, g,
+                           E, R, D, pre.data_ptr<float>());
+  } else {
+    grouped_in_impl<bf16>(x.data_ptr<float>(), w.data_ptr<bf16>(), has_b ? b->data_ptr<bf16>() : nullptr, g, E,
+                          R, D, pre.data_ptr<float>());
+  }
+  return pre;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_out: out[t, :] = Σ_{slots of t} Σ_s a[slot, s] W[e, s, :]
+
+// Few tokens: split the selected rows among threads (each streams contiguous expert blocks) and
+// accumulate into thread-private rows of out, summed at the end.
+template <typename W>
+void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, int64_t S, int64_t D, int64_t T,
+                      float* out) {
+  struct Item {
+    int64_t e, s0, s1;
+  };
+  std::vector<Item> items;
+  const int64_t rc = 16;
+  for (int64_t e = 0; e < E; ++e)
+    if (g.offsets[e + 1] > g.offsets[e])
+      for (int64_t s0 = 0; s0 < S; s0 += rc) items.push_back({e, s0, std::min(S, s0 + rc)});
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+  std::vector<float> part(static_cast<size_t>(std::max<int64_t>(nthreads - 1, 0) * T * D), 0.0f);
+  const int64_t chunk = (n_items + nthreads - 1) / std::max<int64_t>(nthreads, 1);
+  at::parallel_for(0, nthreads, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      float* acc = p == 0 ? out : part.data() + (p - 1) * T * D;
+      for (int64_t i = p * chunk; i < std::min(n_items, (p + 1) * chunk); ++i) {
+        const Item& it = items[i];
+        for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q) {
+          const int64_t slot = g.slots[q];
+          float* o = acc + (slot / g.k) * D;
+          const float* c = a + slot * S;
+          int64_t s = it.s0;
+          for (; s + 4 <= it.s1; s += 4) {
+            const W* w0 = w + (it.e * S + s) * D;
+            const vf c0 = splat(c[s]), c1 = splat(c[s + 1]), c2 = splat(c[s + 2]), c3 = splat(c[s + 3]);
+            int64_t d = 0;
+            for (; d + L <= D; d += L)
+              store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
+                                          (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
+            for (; d < D; ++d)
+              o[d] += c[s] * scalar(w0[d]) + c[s + 1] * scalar(w0[D + d]) + c[s + 2] * scalar(w0[2 * D + d]) +
+                      c[s + 3] * scalar(w0[3 * D + d]);
+          }
+          for (; s < it.s1; ++s) {
+            const W* w0 = w + (it.e * S + s) * D;
+            const vf c0 = splat(c[s]);
+            int64_t d = 0;
+            for (; d + L <= D; d += L) store(o + d, load(o + d) + c0 * load(w0 + d));
+            for (; d < D; ++d) o[d] += c[s] * scalar(w0[d]);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t p = 1; p < nthreads; ++p) {
+    const float* src = part.data() + (p - 1) * T * D;
+    for (int64_t i = 0; i < T * D; ++i) out[i] += src[i];
+  }
+}
+
+// Many tokens: split the columns among threads (no write conflicts); within a column block of
+// NV vectors, tiles of TB tokens of one expert keep their partial sums in registers over S.
+template <int TB, int NV, typename W>
+inline void out_tile(const float* a, const W* w, const int64_t* slots, int64_t k, int64_t S, int64_t D,
+                     int64_t col, float* out) {
+  vf acc[TB][NV];
+  for (int tb = 0; tb < TB; ++tb)
+    for (int v = 0; v < NV; ++v) acc[tb][v] = vf{};
+  for (int64_t s = 0; s < S; ++s) {
+    vf wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + s * D + col + v * L);
+    for (int tb = 0; tb < TB; ++tb) {
+      const vf c = splat(a[slots[tb] * S + s]);
+      for (int v = 0; v < NV; ++v) acc[tb][v] += c * wv[v];
+    }
+  }
+  for (int tb = 0; tb < TB; ++tb) {
+    float* o = out + (slots[tb] / k) * D + col;
+    for (int v = 0; v < NV; ++v) store(o + v * L, load(o + v * L) + acc[tb][v]);
+  }
+}
+
+template <int NV, typename W>
+inline void out_block(const float* a, const W* we, const int64_t* slots, int64_t n, int64_t k, int64_t S,
+                      int64_t D, int64_t col, float* out) {
+  int64_t q = 0;
+  for (; q + 6 <= n; q += 6) out_tile<6, NV>(a, we, slots + q, k, S, D, col, out);
+  switch (n - q) {
+    case 5: out_tile<5, NV>(a, we, slots + q, k, S, D, col, out); break;
+    case 4: out_tile<4, NV>(a, we, slots + q, k, S, D, col, out); break;
+    case 3: out_tile<3, NV>(a, we, slots + q, k, S, D, col, out); break;
+    case 2: out_tile<2, NV>(a, we, slots + q, k, S, D, col, out); break;
+    case 1: out_tile<1, NV>(a, we, slots + q, k, S, D, col, out); break;
+    default: break;
+  }
+}
+
+template <typename W>
+void grouped_out_cols(const float* a, const W* w, const Groups& g, int64_t E, int64_t S, int64_t D,
+                      float* out) {
+  constexpr int64_t CW = 4 * L;  // columns per block
+  const int64_t nblocks = (D + CW - 1) / CW;
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t col = blk * CW, width = std::min(CW, D - col);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
+        if (n == 0) continue;
+        const W* we = w + e * S * D;
+        switch (width / L) {
+          case 4: out_block<4>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
+          case 3: out_block<3>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
+          case 2: out_block<2>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
+          case 1: out_block<1>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
+          default: break;
+        }
+        for (int64_t j = col + (width / L) * L; j < col + width; ++j)  // scalar tail (D % 16)
+          for (int64_t q = b; q < b + n; ++q) {
+            const int64_t slot = g.slots[q];
+            float sum = 0.0f;
+            for (int64_t s = 0; s < S; ++s) sum += a[slot * S + s] * scalar(we[s * D + j]);
+            out[(slot / g.k) * D + j] += sum;
+          }
+      }
+    }
+  });
+}
+
+constexpr int64_t FEW_TOKENS = 8;
+
+at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& offsets,
+                       const at::Tensor& slots, int64_t k, int64_t tokens) {
+  check_weight(w, "w");
+  const int64_t E = w.size(0), S = w.size(1), D = w.size(2);
+  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == tokens * k && a_in.size(1) == S, "a must be (T * K, ", S, ")");
+  const at::Tensor a = as_f32(a_in);
+  at::Tensor out = at::zeros({tokens, D}, a.options());
+  const Groups g = groups_of(offsets, slots, k);
+  const bool few = tokens <= FEW_TOKENS;
+  if (w.scalar_type() == at::kFloat) {
+    if (few) grouped_out_rows<float>(a.data_ptr<float>(), w.data_ptr<float>(), g, E, S, D, tokens, out.data_ptr<float>());
+    else grouped_out_cols<float>(a.data_ptr<float>(), w.data_ptr<float>(), g, E, S, D, out.data_ptr<float>());
+  } else {
+    if (few) grouped_out_rows<bf16>(a.data_ptr<float>(), w.data_ptr<bf16>(), g, E, S, D, tokens, out.data_ptr<float>());
+    else grouped_out_cols<bf16>(a.data_ptr<float>(), w.data_ptr<bf16>(), g, E, S, D, out.data_ptr<float>());
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// grouped_wgrad: dW[e, r, :] = Σ_{slots of e} g[slot, r] x[t, :]
+
+template <int RB, int NV>
+inline void wgrad_tile(const float* gr, const float* x, const int64_t* slots, int64_t n, int64_t k, int64_t R,
+                       int64_t D, int64_t r0, int64_t col, float* dw) {
+  vf acc[RB][NV];
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < NV; ++v) acc[rb][v] = vf{};
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t slot = slots[q];
+    const float* xr = x + (slot / k) * D + col;
+    vf xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = load(xr + v * L);
+    for (int rb = 0; rb < RB; ++rb) {
+      const vf c = splat(gr[slot * R + r0 + rb]);
+      for (int v = 0; v < NV; ++v) acc[rb][v] += c * xv[v];
+    }
+  }
+  for (int rb = 0; rb < RB; ++rb)
+    for (int v = 0; v < NV; ++v) store(dw + (r0 + rb) * D + col + v * L, acc[rb][v]);
+}
+
+template <int RB>
+inline void wgrad_rows(const float* gr, const float* x, const int64_t* slots, int64_t n, int64_t k, int64_t R,
+                       int64_t D, int64_t r0, float* dw) {
+  int64_t col = 0;
+  for (; col + 4 * L <= D; col += 4 * L) wgrad_tile<RB, 4>(gr, x, slots, n, k, R, D, r0, col, dw);
+  switch ((D - col) / L) {
+    case 3: wgrad_tile<RB, 3>(gr, x, slots, n, k, R, D, r0, col, dw); break;
+    case 2: wgrad_tile<RB, 2>(gr, x, slots, n, k, R, D, r0, col, dw); break;
+    case 1: wgrad_tile<RB, 1>(gr, x, slots, n, k, R, D, r0, col, dw); break;
+    default: break;
+  }
+  col += ((D - col) / L) * L;
+  for (int64_t r = r0; r < r0 + RB; ++r)
+    for (int64_t j = col; j < D; ++j) {
+      float sum = 0.0f;
+      for (int64_t q = 0; q < n; ++q) sum += gr[slots[q] * R + r] * x[(slots[q] / k) * D + j];
+      dw[r * D + j] = sum;
+    }
+}
+
+at::Tensor grouped_wgrad(const at::Tensor& g_in, const at::Tensor& x_in, const at::Tensor& offsets,
+                         const at::Tensor& slots, int64_t k, int64_t num_experts) {
+  const at::Tensor gr = as_f32(g_in), x = as_f32(x_in);
+  const int64_t R = gr.size(1), D = x.size(1);
+  TORCH_CHECK(gr.size(0) == x.size(0) * k, "g must be (T * K, R)");
+  at::Tensor dw = at::zeros({num_experts, R, D}, x.options());
+  const Groups g = groups_of(offsets, slots, k);
+  constexpr int64_t RB = 4;
+  const int64_t nrb = (R + RB - 1) / RB;
+  const float* gp = gr.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* out = dw.data_ptr<float>();
+  at::parallel_for(0, num_experts * nrb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = i / nrb, r0 = (i % nrb) * RB;
+      const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
+      if (n == 0) continue;
+      float* dwe = out + e * R * D;
+      switch (std::min(RB, R - r0)) {
+        case 4: wgrad_rows<4>(gp, xp, g.slots + b, n, k, R, D, r0, dwe); break;
+        case 3: wgrad_rows<3>(gp, xp, g.slots + b, n, k, R, D, r0, dwe); break;
+        case 2: wgrad_rows<2>(gp, xp, g.slots + b, n, k, R, D, r0, dwe); break;
+        default: wgrad_rows<1>(gp, xp, g.slots + b, n, k, R, D, r0, dwe); break;
+      }
+    }
+  });
+  return dw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused_decode: the whole expert FFN in one call, for activations known by code.
+
+enum Act : int64_t { ACT_SILU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_RELU = 4 };
+
+inline float activate(float v, int64_t act) {
+  switch (act) {
+    case ACT_SILU: return v / (1.0f + std::exp(-v));
+    case ACT_GELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f));
+    case ACT_GELU_TANH: {
+      const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.0f + std::tanh(u));
+    }
+    case ACT_RELU: return v > 0.0f ? v : 0.0f;
+    default: TORCH_CHECK(false, "unknown activation code ", act);
+  }
+}
+
+at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
+                            const at::Tensor& w_out, const at::Tensor& idx, const std::optional<at::Tensor>& scale,
+                            int64_t act, bool gated) {
+  check_weight(w_out, "w_out");
+  const int64_t E = w_out.size(0), S = w_out.size(1), D = w_out.size(2);
+  const int64_t T = idx.size(0), K = idx.size(1);
+  TORCH_CHECK(act >= ACT_SILU && act <= ACT_RELU, "unknown activation code ", act);
+  auto [offsets, slots] = build_groups(idx, E);
+  at::Tensor pre = grouped_in(x, w_in, b_in, offsets, slots, K);  // (T*K, R) fp32
+  const int64_t R = pre.size(1);
+  TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
+  at::Tensor a = gated ? at::empty({T * K, S}, pre.options()) : pre;
+  at::Tensor sc;
+  const float* scp = nullptr;
+  if (scale.has_value() && scale->defined()) {
+    sc = as_f32(*scale);
+    TORCH_CHECK(sc.numel() == T * K, "scale must be (T, K)");
+    scp = sc.data_ptr<float>();
+  }
+  const int64_t n = slots.numel();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  float* pp = pre.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t slot = sl[q];
+      const float c = scp ? scp[slot] : 1.0f;
+      const float* p = pp + slot * R;
+      float* o = ap + slot * S;
+      for (int64_t s = 0; s < S; ++s) o[s] = c * (gated ? activate(p[s], act) * p[S + s] : activate(p[s], act));
+    }
+  });
+  at::Tensor out = grouped_out(a, w_out, offsets, slots, K, T);
+  return out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moefy_cpu, m) {
+  m.def("build_groups(Tensor idx, int num_experts) -> (Tensor, Tensor)");
+  m.def("grouped_in(Tensor x, Tensor w, Tensor? b, Tensor offsets, Tensor slots, int k) -> Tensor");
+  m.def("grouped_out(Tensor a, Tensor w, Tensor offsets, Tensor slots, int k, int tokens) -> Tensor");
+  m.def("grouped_wgrad(Tensor g, Tensor x, Tensor offsets, Tensor slots, int k, int num_experts) -> Tensor");
+  m.def(
+      "fused_expert_ffn(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, Tensor idx, Tensor? scale, int act, "
+      "bool gated) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
+  m.impl("build_groups", &build_groups);
+  m.impl("grouped_in", &grouped_in);
+  m.impl("grouped_out", &grouped_out);
+  m.impl("grouped_wgrad", &grouped_wgrad);
+  m.impl("fused_expert_ffn", &fused_expert_ffn);
+}
