@@ -24,7 +24,14 @@ FAST_KERNELS = sorted(name for name in KERNELS if name != "reference")
 # (E, S, D): fine-grained to coarse experts; D=100 exercises the kernels' non-vector tails
 SHAPES = [(1, 4, 16), (4, 6, 16), (4, 24, 64), (64, 6, 64), (64, 24, 16), (256, 4, 64), (256, 6, 16), (4, 6, 100)]
 TOKENS = [1, 3, 70]  # 1 and 3 take the few-token (decode) paths, 70 the batched ones
+MAX_SLOTS = 4096  # the reference is a Python loop over tokens x slots: keep each case under a second
 K_CHOICES = ["one", "half", "all"]
+
+
+def _gelu_tanh(v: Tensor) -> Tensor:
+    # (exact-erf F.gelu on tiny tensors costs milliseconds per call in some torch CPU builds,
+    # and the reference calls it once per slot; it is tested below on few slots)
+    return F.gelu(v, approximate="tanh")
 
 
 def _top_k(num_experts: int, choice: str) -> int:
@@ -41,7 +48,7 @@ def make_weights(
     w_out = torch.randn(num_experts, size, d, generator=gen) / size**0.5
     b_in = 0.5 * torch.randn(num_experts, rows, generator=gen) if bias else None
     return ExpertWeights(
-        w_in=w_in.to(dtype), w_out=w_out.to(dtype), act=act or (F.silu if gated else F.gelu), gated=gated,
+        w_in=w_in.to(dtype), w_out=w_out.to(dtype), act=act or (F.silu if gated else _gelu_tanh), gated=gated,
         b_in=None if b_in is None else b_in.to(dtype),
     )
 
@@ -85,6 +92,7 @@ def test_cpp_extension_builds() -> None:
 def test_kernels_equal_reference_fp32(shape: tuple[int, int, int], tokens: int, k_choice: str, gated: bool) -> None:
     num_experts, size, d = shape
     top_k = _top_k(num_experts, k_choice)
+    tokens = min(tokens, max(16, MAX_SLOTS // top_k))  # still a batch (> 8 tokens) when capped
     seed = num_experts + size + d + tokens + top_k
     weights = make_weights(num_experts, size, d, gated=gated, bias=(tokens != 3), seed=seed)
     idx, scale = make_routing(tokens, num_experts, top_k, empty=(tokens != 1 and top_k > 1), seed=seed)
@@ -115,8 +123,8 @@ def test_kernels_equal_reference_bf16(shape: tuple[int, int, int], tokens: int, 
 def test_activations_fused_or_generic(act: Callable[[Tensor], Tensor]) -> None:
     """Known activations take the fused C++ call, unknown ones (tanh) the generic path: both exact."""
     weights = make_weights(64, 6, 64, gated=True, act=act)
-    idx, scale = make_routing(5, 64, 16, empty=True)
-    x = torch.randn(5, 64)
+    idx, scale = make_routing(3, 64, 4, empty=True)
+    x = torch.randn(3, 64)
     ref = reference_expert_ffn(x, weights, idx, scale)
     for name in FAST_KERNELS:
         _close(get_kernel(name)(x, weights, idx, scale), ref, torch.float32)
@@ -133,11 +141,12 @@ def test_activation_codes() -> None:
 
 @pytest.mark.parametrize("name", FAST_KERNELS)
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("shape,tokens,top_k", [((4, 6, 16), 3, 2), ((64, 24, 64), 70, 32), ((256, 4, 100), 9, 128)])
+@pytest.mark.parametrize("shape,tokens,top_k", [((4, 6, 100), 3, 2), ((64, 24, 64), 24, 16), ((256, 4, 16), 9, 96)])
 def test_gradients_equal_reference(
     name: str, gated: bool, shape: tuple[int, int, int], tokens: int, top_k: int
 ) -> None:
-    """Gradients w.r.t. x, scale and all weights (training goes through the kernels)."""
+    """Gradients w.r.t. x, scale and all weights (training goes through the kernels). Weights stay
+    small: the reference's backward materialises a full weight-sized gradient per slot."""
     num_experts, size, d = shape
     base = make_weights(num_experts, size, d, gated=gated, seed=tokens)
     idx, scale0 = make_routing(tokens, num_experts, top_k, empty=True, seed=tokens)

@@ -43,7 +43,8 @@ class ConvertConfig:
     static_ranking: str = "importance"  # static selection: 'importance' (mean residual norm) or 'random'
     router_target: str = "residual"  # residual | sq | mass
     router_hidden: int = 256  # 0: linear router
-    router_epochs: int = 30
+    router_epochs: int = 20
+    router_k_fractions: tuple[float, ...] = ()  # also train the router for these fractions of the routed experts
     shared_fraction: float = 0.0  # fraction of experts always on (highest mean |a - r|)
     tau: float | None = None  # dynamic k: predicted residual mass to keep (capped at top_k)
     sequential: bool = True  # calibrate block i+1 on the outputs of the converted block i
@@ -82,12 +83,14 @@ class ConvertConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["eps"] = list(self.eps)
+        d["router_k_fractions"] = list(self.router_k_fractions)
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> ConvertConfig:
         d = dict(d)
         d["eps"] = tuple(d.get("eps", DEFAULT_EPS))
+        d["router_k_fractions"] = tuple(d.get("router_k_fractions", ()))
         return cls(**d)
 
 
@@ -188,8 +191,10 @@ def build_moe_layer(ffn_weights, calib: LayerCalibration, config: ConvertConfig)
     ns = plan.num_shared
     router, recall = None, None
     if config.selection == "router" and config.top_k < n:
+        routed = n - ns
+        ks = [config.top_k - ns] + [max(1, min(routed, round(f * routed))) for f in config.router_k_fractions]
         fit = fit_router(
-            x, targets[:, ns:], config.top_k - ns, hidden=config.router_hidden,
+            x, targets[:, ns:], ks, hidden=config.router_hidden,
             epochs=config.router_epochs, seed=config.seed + calib.index,
         )
         router, recall = fit.router.to(experts.w_in.dtype), fit.recall

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ class RouterFit:
 def fit_router(
     x: Tensor,
     targets: Tensor,
-    top_k: int,
+    top_k: int | Sequence[int],
     *,
     hidden: int = 256,
     epochs: int = 30,
@@ -97,10 +98,13 @@ def fit_router(
     seed: int = 0,
     holdout: float = 0.1,
 ) -> RouterFit:
-    """Train a router on samples x (N, D) with oracle targets (N, E) for a given top-k."""
+    """Train a router on samples x (N, D) with oracle targets (N, E) for a top-k, or for several
+    (the listwise label is then the mean of the top-k indicators, so one router serves each k).
+    The reported recall is at the first k."""
     n, d = x.shape
     e = targets.shape[1]
-    if not 1 <= top_k <= e:
+    ks = [top_k] if isinstance(top_k, int) else list(top_k)
+    if not ks or not all(1 <= k <= e for k in ks):
         raise InvalidArgumentError(f"router top_k={top_k} must be in 1..{e}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -112,8 +116,10 @@ def fit_router(
     router.x_scale.copy_(1.0 / x[train].std(0).clamp_min(1e-6))
     log_t = torch.log(targets + 1e-6)
     z = (log_t - log_t.mean(1, keepdim=True)) / log_t.std(1, keepdim=True).clamp_min(1e-6)  # (N, E)
-    top = torch.topk(targets, top_k, dim=1).indices
-    label = torch.zeros_like(targets).scatter_(1, top, 1.0 / top_k)  # (N, E) top-k indicator / k
+    label = torch.zeros_like(targets)  # (N, E): mean over ks of (top-k indicator / k)
+    for k in ks:
+        top = torch.topk(targets, k, dim=1).indices
+        label.scatter_add_(1, top, torch.full_like(top, 1.0 / (k * len(ks)), dtype=targets.dtype))
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(train.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -131,9 +137,9 @@ def fit_router(
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
     router.eval()
-    recall = topk_recall(router(x[val]).detach(), targets[val], top_k)
+    recall = topk_recall(router(x[val]).detach(), targets[val], ks[0])
     return RouterFit(router=router, recall=recall, loss=loss_value)
 
 

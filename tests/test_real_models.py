@@ -1,0 +1,73 @@
+"""End to end on the real bundled models (SmolLM2-135M, all-MiniLM-L6-v2), kept small."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moefy import api
+from moefy.cli import main
+from moefy.convert import configure, ffn_flops_fraction, moe_layers
+from moefy.models import load_model
+from moefy.text import bundled_text, tokenize_text
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m")
+
+
+def test_smollm_dense_perplexity_is_sane(smollm) -> None:
+    assert smollm.is_causal and smollm.spec.family == "llama"
+    assert smollm.tokenizer("hello").input_ids[0] != smollm.tokenizer.bos_token_id  # moefy adds BOS itself
+    batch = tokenize_text(bundled_text("code", "evaluation"), smollm.tokenizer, 128, 4)
+    assert (batch.input_ids[:, 0] == smollm.tokenizer.bos_token_id).all()
+    from moefy.evaluate import perplexity
+
+    ppl = perplexity(smollm.model, batch)
+    assert 1.5 < ppl < 60
+
+
+def test_smollm_conversion_all_experts_is_exact_then_sparse() -> None:
+    loaded = load_model("smollm2-135m")
+    ids = tokenize_text(bundled_text("english", "evaluation"), loaded.tokenizer, 64, 2).input_ids
+    with torch.no_grad():
+        dense = loaded.model(input_ids=ids).logits
+    converted = api.convert_model(
+        loaded, num_experts=64, top_k=64, method="kmeans", calibration_sequences=8, sample_size=1024,
+        router_epochs=2, router_hidden=32, sequential=False,
+    )
+    assert len(moe_layers(converted.model)) == 30
+    with torch.no_grad():
+        torch.testing.assert_close(converted.model(input_ids=ids).logits, dense, rtol=1e-3, atol=2e-3)
+    configure(converted.model, top_k=32, selection="oracle")
+    with torch.no_grad():
+        half = converted.model(input_ids=ids).logits
+    assert torch.isfinite(half).all() and not torch.allclose(half, dense, atol=1e-2)
+    configure(converted.model, selection="router")
+    assert ffn_flops_fraction(converted.model, measured=False) < 0.6
+
+
+def test_minilm_cli_eval_json(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    assert main(["eval", "minilm-l6", "--max-sequences", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    split = result["splits"][0]
+    assert split["embedding_fidelity"] == 1.0 and split["retrieval_accuracy"] > 0.5
+    assert "retrieval_accuracy" in capsys.readouterr().out
+
+
+def test_cli_errors_exit_nonzero(tmp_path, capsys) -> None:
+    assert main(["eval", str(tmp_path / "missing-model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    existing = tmp_path / "out"
+    existing.mkdir()
+    assert main(["convert", "minilm-l6", "--out", str(existing), "--experts", "64", "--top-k", "8"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["convert", "minilm-l6", "--out", str(tmp_path / "o2"), "--experts", "100", "--top-k", "8"]) == 2
+    assert "does not divide the FFN width 1536" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
