@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.layers.demo import SCHEMES, DemoConfig, plot_results, run_demo
+from moefy.layers.demo import DEFAULT_SCHEMES, SCHEMES, DemoConfig, plot_results, run_demo
 from moefy.text import bundled_text, read_text_file
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", help="a UTF-8 text file to train on (default: the bundled English corpus)")
     parser.add_argument("--domain", default="english", help="bundled corpus domain: english or code")
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    parser.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--steps", type=int, default=DemoConfig.steps)
     parser.add_argument("--layers", type=int, default=DemoConfig.n_layers)
     parser.add_argument("--batch-size", type=int, default=DemoConfig.batch_size)
@@ -50,13 +50,13 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     plot_results(results, out / "val_loss.png")
 
-    print(f"{'scheme':<16}{'val loss':>9}{'bits/B':>8}{'FFN MFLOP/tok':>14}{'params':>9}{'max/mean load':>22}"
-          f"{'drop %':>8}{'time s':>8}")
+    print(f"{'scheme':<24}{'val loss':>9}{'bits/B':>8}{'FFN MFLOP/tok':>14}{'params':>9}{'max/mean load':>22}"
+          f"{'drop %':>8}{'wall s':>8}{'CPU s':>8}")
     for r in results:
         load = " ".join(f"{m:.2f}" for m in r.max_over_mean_load) or "-"
-        print(f"{r.scheme:<16}{r.final_val_loss:>9.4f}{r.final_val_bits_per_byte:>8.3f}"
+        print(f"{r.scheme:<24}{r.final_val_loss:>9.4f}{r.final_val_bits_per_byte:>8.3f}"
               f"{r.ffn_flops_per_token / 1e6:>14.3f}{r.params_total:>9}{load:>22}"
-              f"{100 * r.train_drop_fraction:>8.2f}{r.train_seconds:>8.1f}")
+              f"{100 * r.train_drop_fraction:>8.2f}{r.train_seconds:>8.1f}{r.train_cpu_seconds:>8.1f}")
     print(f"wrote {out / 'results.json'} and {out / 'val_loss.png'}")
 
 

@@ -371,7 +371,7 @@ def test_demo_trains_every_scheme(tmp_path) -> None:
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
     cfg = DemoConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, d_ff=128, batch_size=4, steps=4, eval_every=2,
                      eval_sequences=4, warmup=1)
-    summary, results = run_demo(text[:8000], text[8000:], cfg)
+    summary, results = run_demo(text[:8000], text[8000:], cfg, list(SCHEMES))
     assert [r.scheme for r in results] == list(SCHEMES)
     flops = {r.scheme: r.ffn_flops_per_token for r in results}
     for r in results:

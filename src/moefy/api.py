@@ -145,12 +145,14 @@ def convert_model(
         raise InvalidArgumentError(f"--budget {budget} must be in (0, 1]")
     config = ConvertConfig(num_experts=num_experts, top_k=top_k or num_experts, **options)
     if budget is not None:
-        config.top_k = _k_for_model_budget(loaded, config, budget)
+        config.top_k = k_for_model_budget(loaded, config, budget)
     batches = calibration_batches(loaded, calibration_text, calibration_sequences)
     return convert(loaded, batches, config, progress=progress, keep_calibration=keep_calibration)
 
 
-def _k_for_model_budget(loaded: LoadedModel, config: ConvertConfig, budget: float) -> int:
+def k_for_model_budget(loaded: LoadedModel, config: ConvertConfig, budget: float) -> int:
+    """The top_k that keeps a dense model's FFNs, once converted with `config`, within an FFN
+    FLOPs budget (router included)."""
     from moefy.ffn import extract_ffn
     from moefy.routers import MLPRouter
     from moefy.specs import find_blocks

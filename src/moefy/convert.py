@@ -253,3 +253,33 @@ def convert(
     result.seconds = time.perf_counter() - t0
     log.info("converted %d layers in %.1f s", len(result.layers), result.seconds)
     return result
+
+
+def refit_routers(converted: ConvertedModel, top_ks: list[int] | None = None) -> list[float]:
+    """Re-fit every layer's router on the kept calibration samples (after representatives
+    changed, or for other k). Needs `convert(..., keep_calibration=True)`. Returns recalls."""
+    recalls = []
+    config = converted.config
+    for m, calib in zip(moe_layers(converted.model), converted.calibrations, strict=True):
+        if calib.sample_x.shape[0] == 0:
+            raise InvalidArgumentError("refit_routers needs the calibration samples: convert with keep_calibration=True")
+        x = calib.sample_x.to(m.w_in.dtype)
+        targets = expert_targets(m.expert_weights, m.representatives, x, config.router_target).float()
+        ks = [k - m.num_shared for k in (top_ks or [m.top_k])]
+        fit = fit_router(
+            x.float(), targets[:, m.num_shared :], ks, hidden=config.router_hidden,
+            epochs=config.router_epochs, seed=config.seed + calib.index,
+        )
+        m.router = fit.router.to(m.w_in.dtype)
+        recalls.append(fit.recall)
+    return recalls
+
+
+def set_representatives(model: nn.Module, kind: str) -> None:
+    """Switch every layer's representatives to zeros (MoEfication) — static vectors follow."""
+    if kind != "zero":
+        raise InvalidArgumentError(f"set_representatives supports 'zero' only, got {kind!r}")
+    for m in moe_layers(model):
+        with torch.no_grad():
+            m.representatives.zero_()
+        m.refresh_static()

@@ -24,6 +24,7 @@ from moefy.errors import InvalidArgumentError
 from moefy.kernels import ExpertWeights, get_kernel
 
 SELECTIONS = ("router", "oracle", "static", "all")
+_KEEP = object()  # configure(): leave this setting as it is
 
 
 class MoEFFN(nn.Module):
@@ -57,12 +58,14 @@ class MoEFFN(nn.Module):
         self.num_experts, self.expert_size, self.d_model = e, s, d
         self.num_shared = num_shared
         self.kernel_name = kernel
+        self.tau: float | None = None
         self.configure(top_k=top_k, selection=selection, tau=tau)
         self.reset_counters()
 
     # ---- configuration -------------------------------------------------------------------
-    def configure(self, *, top_k: int | None = None, selection: str | None = None, tau: float | None = None) -> None:
-        """Change k, the selection mode or dynamic-k τ at run time (no re-conversion needed)."""
+    def configure(self, *, top_k: int | None = None, selection: str | None = None, tau: object = _KEEP) -> None:
+        """Change k, the selection mode or dynamic-k τ (None: fixed k) at run time (no re-conversion
+        needed); settings not given are kept."""
         if top_k is not None:
             if not self.num_shared <= top_k <= self.num_experts or top_k < 1:
                 raise InvalidArgumentError(
@@ -75,9 +78,11 @@ class MoEFFN(nn.Module):
             if selection == "router" and self.router is None:
                 raise InvalidArgumentError("selection 'router' needs a trained router; this layer has none")
             self.selection = selection
-        if tau is not None and not 0.0 < tau <= 1.0:
-            raise InvalidArgumentError(f"tau={tau} must be in (0, 1]")
-        self.tau = tau
+        if tau is _KEEP:
+            return
+        if tau is not None and not (isinstance(tau, int | float) and 0.0 < tau <= 1.0):
+            raise InvalidArgumentError(f"tau={tau} must be in (0, 1] (or None for a fixed k)")
+        self.tau = None if tau is None else float(tau)
 
     def reset_counters(self) -> None:
         self.tokens_seen = 0

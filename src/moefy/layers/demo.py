@@ -32,7 +32,7 @@ from moefy.errors import InvalidArgumentError, TextError
 from moefy.layers.experts import Experts
 from moefy.layers.losses import expert_counts, router_z_loss, switch_balance_loss
 from moefy.layers.moe import MoE, MoEOutput
-from moefy.layers.routers import GeometricRouter, TopKRouter
+from moefy.layers.routers import GeometricRouter, NoisyTopKRouter, TopKRouter
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ VOCAB = 256  # bytes
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    router: str  # "dense" | "softmax" | "geometric"
+    router: str  # "dense" | "softmax" | "noisy" | "geometric"
     num_experts: int = 1
     top_k: int = 1
     renormalize: bool = True  # softmax routers: renormalise the kept probabilities (Mixtral) or not (Switch)
@@ -50,6 +50,7 @@ class Scheme:
     norm_activation: str = "softplus"  # geometric: activation of the predicted norm ρ
 
 
+DEFAULT_SCHEMES = ("dense", "switch_top1", "top2", "geometric_top2")
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -57,6 +58,11 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("switch_top1", "softmax", num_experts=8, top_k=1, renormalize=False),
         Scheme("top2", "softmax", num_experts=16, top_k=2),
         Scheme("geometric_top2", "geometric", num_experts=16, top_k=2, expert_norm="rms"),
+        # variants, not run by default
+        Scheme("geometric_l2_top2", "geometric", num_experts=16, top_k=2, expert_norm="l2"),
+        Scheme("geometric_sigmoid_top2", "geometric", num_experts=16, top_k=2, expert_norm="rms",
+               norm_activation="sigmoid"),
+        Scheme("noisy_top2", "noisy", num_experts=16, top_k=2),
     )
 }
 
@@ -92,7 +98,8 @@ class SchemeResult:
     val_curve: list[tuple[int, float]]  # (step, validation loss in nats/byte)
     final_val_loss: float
     final_val_bits_per_byte: float
-    train_seconds: float
+    train_seconds: float  # wall clock, evaluations included
+    train_cpu_seconds: float  # CPU time of this process (all threads): robust to a busy machine
     load_per_layer: list[list[float]] = field(default_factory=list)  # (L, E) fraction of assignments, on val
     max_over_mean_load: list[float] = field(default_factory=list)  # per layer; 1.0 = perfectly balanced
     load_cv: list[float] = field(default_factory=list)  # per layer, coefficient of variation of the load
@@ -129,10 +136,12 @@ def build_ffn(scheme: Scheme, cfg: DemoConfig) -> nn.Module:
     )
     if scheme.router == "softmax":
         router = TopKRouter(cfg.d_model, scheme.num_experts, scheme.top_k, renormalize=scheme.renormalize)
+    elif scheme.router == "noisy":
+        router = NoisyTopKRouter(cfg.d_model, scheme.num_experts, scheme.top_k)
     elif scheme.router == "geometric":
         router = GeometricRouter(cfg.d_model, scheme.num_experts, scheme.top_k, activation=scheme.norm_activation)
     else:
-        raise InvalidArgumentError(f"unknown router kind {scheme.router!r}; valid: dense, softmax, geometric")
+        raise InvalidArgumentError(f"unknown router kind {scheme.router!r}; valid: dense, softmax, noisy, geometric")
     return MoE(router=router, experts=experts, capacity_factor=cfg.capacity_factor)
 
 
@@ -237,7 +246,7 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
     data_gen = torch.Generator().manual_seed(cfg.seed)  # same batches for every scheme
     curve: list[tuple[int, float]] = []
     dropped = routed = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
             val_loss, counts = evaluate(model, val_x, val_y, cfg.batch_size)
@@ -260,7 +269,7 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
                 if o.capacity is not None:
                     dropped += o.capacity.num_dropped
                     routed += int(o.capacity.routed_per_expert.sum())
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     final, counts = evaluate(model, val_x, val_y, cfg.batch_size)
     curve.append((cfg.steps, final))
     log.info("%s done in %.1f s: val loss %.4f", scheme.name, seconds, final)
@@ -275,6 +284,7 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
         final_val_loss=final,
         final_val_bits_per_byte=final / math.log(2),
         train_seconds=seconds,
+        train_cpu_seconds=cpu_seconds,
         load_per_layer=loads,
         max_over_mean_load=[max(f) * len(f) for f in loads],
         load_cv=[float(torch.tensor(f).std(correction=0) / torch.tensor(f).mean()) for f in loads],
@@ -285,8 +295,8 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
 def run_demo(
     train_text: str, val_text: str, cfg: DemoConfig, schemes: list[str] | None = None
 ) -> tuple[dict, list[SchemeResult]]:
-    """Train every scheme in `schemes` (default: all of SCHEMES); returns (json-able summary, results)."""
-    names = list(SCHEMES) if schemes is None else schemes
+    """Train every scheme in `schemes` (default: DEFAULT_SCHEMES); returns (json-able summary, results)."""
+    names = list(DEFAULT_SCHEMES) if schemes is None else schemes
     unknown = [n for n in names if n not in SCHEMES]
     if unknown:
         raise InvalidArgumentError(f"unknown scheme(s) {unknown}; valid: {', '.join(SCHEMES)}")

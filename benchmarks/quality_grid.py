@@ -1,0 +1,184 @@
+"""The README's quality table: dense vs MoE variants at several FFN FLOPs budgets.
+
+For each expert count: one conversion (balanced k-means experts, routers trained on dense-model
+inputs for the k of every budget), then, on held-out English and code (or, for encoders,
+embedding fidelity and retrieval): {mean, zero} representatives × {oracle, trained router};
+static expert sets (Taylor/SNIP-style importance, and random); and CATS-style thresholding at
+the same FFN FLOPs. Oracle rows are upper bounds: the oracle itself costs a full dense FFN.
+
+    python benchmarks/quality_grid.py --model smollm2-135m --experts 64 256 --out results/quality_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from moefy.api import calibration_batches, evaluate_model, k_for_model_budget
+from moefy.baselines import apply_cats, cats_keep_fraction
+from moefy.convert import (
+    ConvertConfig,
+    configure,
+    convert,
+    ffn_flops_fraction,
+    moe_layers,
+    refit_routers,
+    set_representatives,
+    top_k_for_budget,
+)
+from moefy.errors import InvalidArgumentError
+from moefy.importance import set_static_importance, taylor_importance
+from moefy.models import load_model
+
+log = logging.getLogger("quality_grid")
+
+
+def _quality(target, reference, eval_sequences: int) -> dict:
+    res = evaluate_model(target, max_sequences=eval_sequences, reference=reference)
+    out = {}
+    for s in res["splits"]:
+        for key in ("perplexity", "embedding_fidelity", "retrieval_accuracy"):
+            if key in s:
+                out[f"{s['split']}_{key}"] = s[key]
+    return out
+
+
+def _static_k(model, budget: float) -> int:
+    """k for static/oracle rows: the budget without router FLOPs."""
+    saved = [(m.selection, m.top_k) for m in moe_layers(model)]
+    configure(model, selection="static")
+    k = top_k_for_budget(model, budget)
+    for m, (sel, kk) in zip(moe_layers(model), saved, strict=True):
+        m.configure(selection=sel, top_k=kk)
+    return k
+
+
+def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: list[float], eval_sequences: int,
+             calibration_sequences: int) -> dict:
+    rows: list[dict] = []
+    dense = load_model(name)
+    reference = dense if not dense.is_causal else None
+    base = {"model": name}
+    rows.append({**base, "method": "dense", "budget": 1.0, "ffn_flops_fraction": 1.0,
+                 **_quality(dense, reference, eval_sequences)})
+    log.info("dense: %s", rows[-1])
+
+    def record(conv, label: str, budget: float, experts: int, k: int, **extra) -> None:
+        t = time.perf_counter()
+        q = _quality(conv, reference, eval_sequences)
+        frac = ffn_flops_fraction(conv.model)
+        rows.append({**base, "method": label, "experts": experts, "budget": budget, "top_k": k,
+                     "ffn_flops_fraction": frac, **extra, **q})
+        log.info("%s (%.0f s): %s", label, time.perf_counter() - t, rows[-1])
+
+    samples = None
+    for n, sh in zip(expert_counts, shared, strict=True):
+        loaded = load_model(name)
+        batches = calibration_batches(loaded, None, calibration_sequences)
+        config = ConvertConfig(num_experts=n, top_k=n // 2, method="kmeans", shared_fraction=sh, sequential=False)
+        ks = [k_for_model_budget(loaded, config, b) for b in budgets]  # routers trained for each budget's k
+        routed = n - round(sh * n)
+        config.top_k = ks[len(ks) // 2]
+        config.router_k_fractions = tuple((k - round(sh * n)) / routed for k in ks)
+        t0 = time.perf_counter()
+        conv = convert(loaded, batches, config, keep_calibration=True)
+        log.info("converted %d experts in %.0f s", n, time.perf_counter() - t0)
+        if samples is None:
+            samples = [c.sample_x for c in conv.calibrations]
+        label = f"{n} experts" + (f" + {int(sh * 100)}% shared" if sh else "")
+        if loaded.is_causal:
+            set_static_importance(conv.model, taylor_importance(conv.model, batches[:4]))
+            static_label = "static Taylor/SNIP importance"
+        else:
+            static_label = "static mean residual norm"
+        for reps in ("mean", "zero"):
+            if reps == "zero":
+                set_representatives(conv.model, "zero")
+                refit_routers(conv, ks)
+            for budget in budgets:
+                configure(conv.model, selection="router")
+                k_router = top_k_for_budget(conv.model, budget)
+                configure(conv.model, top_k=k_router)
+                record(conv, f"{label}, {reps} r, trained router", budget, n, k_router)
+                k_static = _static_k(conv.model, budget)
+                configure(conv.model, top_k=k_static, selection="oracle")
+                record(conv, f"{label}, {reps} r, oracle (upper bound)", budget, n, k_static)
+                if reps == "mean":
+                    configure(conv.model, selection="static")
+                    record(conv, f"{label}, mean r, {static_label}", budget, n, k_static)
+            if reps == "mean":
+                g = torch.Generator().manual_seed(0)
+                set_static_importance(conv.model, [torch.rand(m.num_experts, generator=g) for m in moe_layers(conv.model)])
+                for budget in budgets:
+                    k_static = _static_k(conv.model, budget)
+                    configure(conv.model, top_k=k_static, selection="static")
+                    record(conv, f"{label}, mean r, static random", budget, n, k_static)
+        del conv, loaded
+    # CATS-style thresholding at the same FFN FLOPs, on dense-model FFN inputs
+    for budget in budgets:
+        cats = load_model(name)
+        try:
+            cats_keep_fraction(budget, True)
+        except InvalidArgumentError:
+            rows.append({**base, "method": "CATS-style threshold", "budget": budget, "note": "infeasible: the full gate costs more"})
+            continue
+        layers = apply_cats(cats.model, cats.spec, samples, budget)
+        q = _quality(cats, reference, eval_sequences)
+        kept = sum(m.kept for m in layers) / max(1, sum(m.seen for m in layers))
+        gated = layers[0].ffn.gated
+        frac = (1 + 2 * kept) / 3 if gated else (1 + kept) / 2
+        rows.append({**base, "method": "CATS-style threshold", "budget": budget, "ffn_flops_fraction": frac, **q})
+        log.info("CATS: %s", rows[-1])
+    return {"model": name, "eval_sequences": eval_sequences, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    dense = rows[0]
+    metrics = [k for k in dense if k.endswith(("perplexity", "fidelity", "accuracy"))]
+    head = "| method | budget | FFN FLOPs | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    for r in rows:
+        cells = []
+        for m in metrics:
+            v = r.get(m)
+            if v is None:
+                cells.append("n/a")
+            elif m.endswith("perplexity") and r is not dense:
+                cells.append(f"{v:.2f} ({100 * (v / dense[m] - 1):+.0f}%)")
+            else:
+                cells.append(f"{v:.3f}" if not m.endswith("perplexity") else f"{v:.2f}")
+        frac = r.get("ffn_flops_fraction")
+        lines.append(f"| {r['method']} | {int(r['budget'] * 100)}% | {'-' if frac is None else f'{frac:.2f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--experts", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--shared", type=float, nargs="+", default=None, help="shared fraction per expert count")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--eval-sequences", type=int, default=40)
+    p.add_argument("--calibration-sequences", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shared = args.shared or [0.0] * len(args.experts)
+    result = run_grid(args.model, args.experts, shared, args.budgets, args.eval_sequences, args.calibration_sequences)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
