@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed repeats per configuration (0: 21 for <= 8 tokens, 5 for batches)")
     parser.add_argument("--threads", type=int, default=0, help=f"torch threads (0: all cores, {os.cpu_count()} here)")
     parser.add_argument("--kernel", default="auto", help="expert kernel name (moefy.kernels.KERNELS)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: the thread's CPU time (needs --threads 1; robust on a shared machine)")
     parser.add_argument("--no-flush", action="store_true", help="do not evict the cache before each timed call")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -53,14 +55,15 @@ def main(argv: list[str] | None = None) -> int:
                     repeats = args.repeats or (21 if tokens <= 8 else 5)
                     records.append(bench_ffn_layer(
                         d, h, num_experts, num_experts // f, tokens, dtype=dtype, repeats=repeats,
-                        kernel=args.kernel, flush_cache=not args.no_flush,
+                        kernel=args.kernel, flush_cache=not args.no_flush, clock=args.clock,
                     ))
 
-    print("| d x h | tokens | experts | k/n | dense ms | MoE ms | speedup | ideal |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| d x h | tokens | experts | k/n | dense ms | MoE ms | speedup | ideal | vs k=n | GB/s dense / MoE |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
         print(f"| {r['d']}x{r['h']} | {r['tokens']} | {r['num_experts']} | {r['top_k']}/{r['num_experts']} "
-              f"| {r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['ideal']:.0f}x |")
+              f"| {r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['ideal']:.0f}x "
+              f"| {r['speedup_vs_all']:.2f}x | {r['dense_gbps']:.1f} / {r['moe_gbps']:.1f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -59,7 +59,7 @@ def _static_k(model, budget: float) -> int:
 
 
 def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: list[float], eval_sequences: int,
-             calibration_sequences: int) -> dict:
+             calibration_sequences: int, cats: bool = True) -> dict:
     rows: list[dict] = []
     dense = load_model(name)
     reference = dense if not dense.is_causal else None
@@ -120,7 +120,7 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
                     record(conv, f"{label}, mean r, static random", budget, n, k_static)
         del conv, loaded
     # CATS-style thresholding at the same FFN FLOPs, on dense-model FFN inputs
-    for budget in budgets:
+    for budget in budgets if cats else []:
         cats = load_model(name)
         try:
             cats_keep_fraction(budget, True)
@@ -167,13 +167,15 @@ def main() -> None:
     p.add_argument("--eval-sequences", type=int, default=40)
     p.add_argument("--calibration-sequences", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--no-cats", action="store_true", help="skip the CATS-style baseline rows")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     shared = args.shared or [0.0] * len(args.experts)
-    result = run_grid(args.model, args.experts, shared, args.budgets, args.eval_sequences, args.calibration_sequences)
+    result = run_grid(args.model, args.experts, shared, args.budgets, args.eval_sequences, args.calibration_sequences,
+                      cats=not args.no_cats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")

@@ -10,6 +10,16 @@ num_experts / top_k (the fraction of FFN weights and FLOPs that run).
 
 With `flush_cache` the last-level cache is overwritten before every timed call, as the other
 layers of a real model would: otherwise a small layer (SmolLM2's 10 MB) is timed from cache.
+
+Two more figures put the speedup in context. `moe_all_ms` times the same kernel with every
+expert selected (k = n): `speedup_vs_all` is the gain from skipping experts alone, free of how
+well the dense BLAS runs on this CPU (MKL's fp32 paths are slow on AMD CPUs, which can push the
+dense ratio past the ideal). `dense_gbps` / `moe_gbps` are the weight bytes each side must read
+(the active experts' union for MoE) over its time: the figure that bounds decoding.
+
+`clock="cpu"` measures the calling thread's CPU time instead of wall time: on a shared,
+oversubscribed machine it leaves out the time the process was descheduled. It needs
+torch.get_num_threads() == 1 (other threads' work would not be counted).
 """
 
 from __future__ import annotations
@@ -56,11 +66,11 @@ def _flush(buffer: Tensor | None) -> None:
         buffer.add_(1)
 
 
-def _time(fn: Callable[[], Tensor], buffer: Tensor | None) -> float:
+def _time(fn: Callable[[], Tensor], buffer: Tensor | None, clock: Callable[[], float]) -> float:
     _flush(buffer)
-    start = time.perf_counter()
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def bench_ffn_layer(
@@ -74,12 +84,14 @@ def bench_ffn_layer(
     kernel: str = "auto",
     warmup: int = 2,
     flush_cache: bool = True,
+    clock: str = "wall",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Median latency of one dense gated FFN layer and of its MoE conversion (top_k of num_experts).
 
-    Returns a dict: the configuration, `dense_ms` and `moe_ms` (medians), `speedup`
-    (dense_ms / moe_ms), `ideal` (num_experts / top_k) and `efficiency` (speedup / ideal).
+    Returns a dict: the configuration, `dense_ms`, `moe_ms` and `moe_all_ms` (medians), `speedup`
+    (dense_ms / moe_ms), `ideal` (num_experts / top_k), `efficiency` (speedup / ideal),
+    `speedup_vs_all` (moe_all_ms / moe_ms) and `dense_gbps` / `moe_gbps` (weight bytes read per second).
     """
     if h % num_experts != 0:
         raise InvalidArgumentError(f"num_experts={num_experts} must divide h={h}")
@@ -87,12 +99,22 @@ def bench_ffn_layer(
         raise InvalidArgumentError(f"top_k={top_k} must be in 1..num_experts={num_experts}")
     if repeats < 1:
         raise InvalidArgumentError(f"repeats={repeats} must be >= 1")
+    clocks = {"wall": time.perf_counter, "cpu": time.thread_time}
+    if clock not in clocks:
+        raise InvalidArgumentError(f"clock={clock!r}; valid are {sorted(clocks)}")
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise InvalidArgumentError(
+            f"clock='cpu' needs torch.set_num_threads(1) (now {torch.get_num_threads()} threads)"
+        )
+    timer = clocks[clock]
     expert_ffn = get_kernel(kernel)
     ffn = random_gated_ffn(d, h, dtype, seed)
     experts = ExpertWeights.from_ffn(ffn, torch.arange(h), num_experts)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     idx, scale = random_routing(tokens, num_experts, top_k, seed + 2)
     scale = scale.to(dtype)
+    idx_all, scale_all = random_routing(tokens, num_experts, num_experts, seed + 3)
+    scale_all = scale_all.to(dtype)
     buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32) if flush_cache else None
     w_gate, w_up, w_down = ffn.w_gate, ffn.w_up, ffn.w_down
     assert w_gate is not None
@@ -103,27 +125,30 @@ def bench_ffn_layer(
     def moe() -> Tensor:
         return expert_ffn(x, experts, idx, scale)
 
-    dense_times: list[float] = []
-    moe_times: list[float] = []
+    def moe_all() -> Tensor:
+        return expert_ffn(x, experts, idx_all, scale_all)
+
+    runs = {"dense": dense, "moe": moe, "moe_all": moe_all}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(warmup):
-            dense()
-            moe()
+            for fn in runs.values():
+                fn()
         for r in range(repeats):
-            if r % 2 == 0:
-                dense_times.append(_time(dense, buffer))
-                moe_times.append(_time(moe, buffer))
-            else:
-                moe_times.append(_time(moe, buffer))
-                dense_times.append(_time(dense, buffer))
-    dense_ms = 1e3 * statistics.median(dense_times)
-    moe_ms = 1e3 * statistics.median(moe_times)
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))
+            for name in order:
+                times[name].append(_time(runs[name], buffer, timer))
+    dense_ms, moe_ms, moe_all_ms = (1e3 * statistics.median(times[name]) for name in runs)
+    weight_bytes = 3 * d * h * ffn.w_up.element_size()
+    active = torch.unique(idx).numel() / num_experts  # fraction of the experts any token uses
     result = {
         "d": d, "h": h, "num_experts": num_experts, "top_k": top_k, "tokens": tokens,
         "dtype": str(dtype).removeprefix("torch."), "kernel": kernel, "repeats": repeats,
         "threads": torch.get_num_threads(), "flush_cache": flush_cache,
-        "dense_ms": dense_ms, "moe_ms": moe_ms, "speedup": dense_ms / moe_ms,
-        "ideal": num_experts / top_k, "efficiency": dense_ms / moe_ms / (num_experts / top_k),
+        "clock": clock, "dense_ms": dense_ms, "moe_ms": moe_ms, "moe_all_ms": moe_all_ms,
+        "speedup": dense_ms / moe_ms, "ideal": num_experts / top_k,
+        "efficiency": dense_ms / moe_ms / (num_experts / top_k), "speedup_vs_all": moe_all_ms / moe_ms,
+        "dense_gbps": weight_bytes / dense_ms / 1e6, "moe_gbps": active * weight_bytes / moe_ms / 1e6,
     }
     log.info(
         "d=%d h=%d E=%d k=%d T=%d %s: dense %.3f ms, moe %.3f ms, speedup %.2fx (ideal %.1fx)",

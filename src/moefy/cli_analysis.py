@@ -38,7 +38,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     (Figure 3). Unless --no-relu-reference, a synthetic ReLU reference (all-MiniLM-L6-v2 with GeLU
     replaced by ReLU; no ReLU transformer is installable by package name) joins Figure 1.
     Results are saved as JSON + safetensors in --out; figures as PNG in --out/figures."""
-    from moefy.analysis.runner import analyze_conversion, analyze_dense, analyze_relu_reference
+    from moefy.analysis.results import sparsity_stem
+    from moefy.analysis.runner import (
+        RELU_REFERENCE_BASE,
+        analyze_conversion,
+        analyze_dense,
+        analyze_relu_reference,
+    )
     from moefy.checkpoint import is_converted_checkpoint
     from moefy.plots import figures_from_folder, save_png
 
@@ -51,7 +57,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         else:
             out = Path(args.out or DEFAULT_ANALYSIS_DIR)
             analyze_dense(model, out, options, activation=args.activation)
-            if options.relu_reference and args.activation is None:
+            reference = out / f"{sparsity_stem(RELU_REFERENCE_BASE, 'relu')}.json"
+            if options.relu_reference and args.activation is None and (args.recompute or not reference.is_file()):
                 analyze_relu_reference(out, options)
         if out not in outs:
             outs.append(out)

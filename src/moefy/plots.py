@@ -119,11 +119,13 @@ def fig_centring(p: SparsityProfile, eps: float = FIG1_EPS) -> Figure:
     fig = _figure(4.3 * cols, 3.2 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     e = p.eps[p.eps_index(eps)]
-    panels = [("all neurons (pooled)", p.layer_values, p.layer_values - p.layer_r, None)]
+    panels: list[tuple[str, torch.Tensor, torch.Tensor, float | None]] = [
+        ("all neurons (pooled)", p.layer_values, p.layer_values - p.layer_r, None)
+    ]
     for j in range(n):
-        r = float(p.neuron_r[j])
+        rj = float(p.neuron_r[j])
         kind = p.neuron_kinds[j] if j < len(p.neuron_kinds) else ""
-        panels.append((f"neuron {int(p.neuron_ids[j])} ({kind}), r = {r:.3g}", p.neuron_values[j], p.neuron_values[j] - r, r))
+        panels.append((f"neuron {int(p.neuron_ids[j])} ({kind}), r = {rj:.3g}", p.neuron_values[j], p.neuron_values[j] - rj, rj))
     for ax, (title, a, centred, r) in zip(axes, panels, strict=False):
         lo, hi = _range(torch.cat([a, centred]))
         bins = torch.linspace(lo, hi, 60).tolist()
@@ -138,7 +140,8 @@ def fig_centring(p: SparsityProfile, eps: float = FIG1_EPS) -> Figure:
         ax.set_xlabel("activation value")
         ax.set_ylabel("density")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for ax in axes[: min(2, len(panels))]:
+        ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{p.label}: activations of layer {p.neuron_layer} before and after subtracting r", fontsize=10)
@@ -266,14 +269,14 @@ def fig_specialisation(s: Specialisation) -> Figure:
     panels[0].legend(handles=handles, fontsize=7, title="language family", title_fontsize=8, loc="best")
     ax_s = panels[-1]
     names = ["family\n(full space)", "family,\nlabels shuffled", "language\n(full space)", "family\n(PCA plane)"]
-    values = [s.silhouette_family, s.silhouette_family_random, s.silhouette_language, s.silhouette_family_2d]
-    bars = ax_s.bar(range(4), values, color=["C2", "C7", "C1", "C2"])
-    for bar, v in zip(bars, values, strict=True):
-        ax_s.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, max(v, 0)), ha="center", va="bottom", fontsize=8)
+    scores = [s.silhouette_family, s.silhouette_family_random, s.silhouette_language, s.silhouette_family_2d]
+    bars = ax_s.bar(range(4), scores, color=["C2", "C7", "C1", "C2"])
+    for bar, score in zip(bars, scores, strict=True):
+        ax_s.annotate(f"{score:.2f}", (bar.get_x() + bar.get_width() / 2, max(score, 0)), ha="center", va="bottom", fontsize=8)
     ax_s.set_xticks(range(4), names, fontsize=7)
     ax_s.set_xlabel("labels scored (space)")
     ax_s.axhline(0, color="k", linewidth=0.8)
-    ax_s.set_ylim(min(-0.1, min(values) - 0.05), max(0.3, max(values) + 0.1))
+    ax_s.set_ylim(min(-0.1, min(scores) - 0.05), max(0.3, max(scores) + 0.1))
     ax_s.set_ylabel("silhouette score (−1 … 1)")
     ax_s.set_title("clustering score", fontsize=10)
     fig.suptitle(f"{s.model}: expert specialisation by language and domain ({len(s.categories)} categories, "
@@ -307,6 +310,7 @@ def fig_cost(c: CostBreakdown) -> Figure:
         ax_t.annotate(f"{100 * v / t['dense']:.0f}%", (bar.get_x() + bar.get_width() / 2, v * mega), ha="center",
                       va="bottom", fontsize=9)
     ax_t.set_xticks(range(3), names, fontsize=8)
+    ax_t.set_xlabel("FFN variant")
     ax_t.set_ylabel("FFN MFLOPs per token, all layers")
     ax_t.set_title("total (% of dense)", fontsize=10)
     ax_k.plot([100 * f for f in c.curve_k_fraction], [100 * v for v in c.curve_no_static], color="C3", marker=".",

@@ -83,6 +83,17 @@ def _special_wrapped(tokenizer) -> bool:
     return len(probe) > len(tokenizer("a", add_special_tokens=False).input_ids)
 
 
+def _special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] / [SEP] for BERT),
+    read off a probe (transformers 5 tokenizers no longer have build_inputs_with_special_tokens)."""
+    wrapped = tokenizer("a").input_ids
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    for i in range(len(wrapped) - len(bare) + 1):
+        if wrapped[i : i + len(bare)] == bare:
+            return list(wrapped[:i]), list(wrapped[i + len(bare) :])
+    raise TextError("cannot tell which special tokens this tokenizer adds around a text")
+
+
 def sliding_windows(ids: list[int], seq_len: int, stride: int, bos: int | None) -> tuple[Tensor, Tensor]:
     """Windows over a token stream: (input_ids (N, L), scored (N, L) bool). With a BOS, each
     window is [BOS] + L-1 stream tokens. Every stream token after the first is scored once;
@@ -124,7 +135,8 @@ def tokenize_text(
     if _special_wrapped(tokenizer):
         body = seq_len - 2
         n = len(ids) // body
-        rows = [tokenizer.build_inputs_with_special_tokens(ids[i * body : (i + 1) * body]) for i in range(n)]
+        prefix, suffix = _special_wrapping(tokenizer)
+        rows = [prefix + ids[i * body : (i + 1) * body] + suffix for i in range(n)]
         input_ids = torch.tensor(rows, dtype=torch.long).reshape(-1, seq_len)
         scored = None
     else:

@@ -42,7 +42,7 @@ class SparsityProfile:
 
     model: str  # what was analysed (bundled name, folder)
     label: str  # legend label, e.g. "smollm2-135m (SiLU, gated)"
-    activation: str  # the activation module's class name
+    activation: str  # the activation, e.g. 'GeLU', 'SiLU', 'ReLU'
     gated: bool
     note: str  # caveats (e.g. a swapped activation); "" if none
     eps: list[float]
@@ -80,11 +80,20 @@ class SparsityProfile:
         return row
 
 
+def pretty_activation(class_name: str) -> str:
+    """'GELUActivation' -> 'GeLU', 'SiLU' -> 'SiLU', 'ReLU' -> 'ReLU' (else the class name)."""
+    low = class_name.lower()
+    for key, pretty in (("gelu", "GeLU"), ("silu", "SiLU"), ("swish", "SiLU"), ("relu", "ReLU")):
+        if key in low:
+            return pretty
+    return class_name
+
+
 def activation_name(loaded: LoadedModel) -> tuple[str, bool]:
-    """(class name of the FFN activation, gated?) of the first block."""
+    """(name of the FFN activation, gated?) of the first block, e.g. ('SiLU', True)."""
     block = find_blocks(loaded.model, loaded.spec)[0][1]
     ffn = extract_ffn(block, loaded.spec)
-    return type(ffn.act).__name__, ffn.gated
+    return pretty_activation(type(ffn.act).__name__), ffn.gated
 
 
 def swap_activation(loaded: LoadedModel, activation: str) -> None:

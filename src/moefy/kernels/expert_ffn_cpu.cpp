@@ -1,21 +1,23 @@
 // Block-sparse expert FFN primitives for CPU: read only the selected experts' rows, in place.
 //
 // Dimension legend: T tokens, D model width, E experts, R rows per expert of the weight in use
-// (S_in = 2S for the gated input projection, S otherwise), K slots per token, N used slots.
+// (2S for the gated input projection, S otherwise), K slots per token, N used slots.
 //
 // A "slot" is one (token, choice) pair, numbered t * K + j. `build_groups` sorts the used slots by
 // expert (a counting sort, stable), so every expert's work is a contiguous slot list and every
-// weight block is streamed once per call:
+// selected weight block is streamed once per call, whatever the number of tokens:
 //
-//   grouped_in     pre[slot, :] = W[e] x[t] (+ b[e])              gather-GEMV/GEMM, dot-product form
-//   grouped_out    out[t, :]    = Σ_slots Σ_s a[slot, s] W[e, s, :]  scatter form (transposed weight)
-//   grouped_wgrad  dW[e]        = Σ_slots g[slot, :] ⊗ x[t, :]       weight gradient
-//   fused_decode   grouped_in → activation/gating/scale → grouped_out, one call (known activations)
+//   grouped_in        pre[slot, :] = W[e] x[t] (+ b[e])                 dot-product tiles, 4 rows x 4 tokens
+//   grouped_out       out[t, :]    = Σ_slots Σ_s a[slot, s] W[e, s, :]   few tokens: rows split over threads;
+//                                                                       many: columns split, 6-token tiles
+//   grouped_wgrad     dW[e]        = Σ_slots g[slot, :] ⊗ x[t, :]       weight gradient
+//   fused_expert_ffn  grouped_in → act(gate) ⊙ up · scale → grouped_out, one call (known activations)
 //
 // The backward pass needs no other primitive: d x of grouped_in is grouped_out with the same
 // weight, d a of grouped_out is grouped_in with the same weight, and both weight gradients are
-// grouped_wgrad. Weights are fp32 or bf16 (widened to fp32 on load); arithmetic is fp32.
-// Vectorised with GCC vector extensions, so one source serves AVX-512, AVX2 and NEON builds.
+// grouped_wgrad. Weights are fp32 or bf16; arithmetic is fp32 (bf16 is widened on load), except
+// bf16 x bf16 input projections on CPUs with AVX512-BF16 (vdpbf16ps: bf16 products, fp32 sums, as
+// torch's own bf16 matmul). GCC vector extensions, so one source serves AVX-512, AVX2 and NEON.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,12 +40,21 @@
 namespace {
 
 constexpr int64_t L = 16;  // lanes of one vector
+#ifndef PF_ROWS
+#define PF_ROWS 4  // software prefetch distance in weight rows (0: off)
+#endif
 typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
 typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2), may_alias));
 typedef uint32_t vu __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
+
+// Two-input lane shuffle of 16-lane vectors (indices 0..31): GCC's spelling works from GCC 4.7.
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
 
 using bf16 = at::BFloat16;
 
@@ -62,15 +73,65 @@ inline vf load(const bf16* p) {
   vu w = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
   return reinterpret_cast<vf&>(w);
 }
+// Start fetching the first PF_ROWS rows of a weight block the HW prefetcher cannot predict
+// (the next selected expert), at most 64 cache lines.
+template <typename W>
+inline void prefetch_rows(const W* w, int64_t D) {
+#if PF_ROWS
+  const char* p = reinterpret_cast<const char*>(w);
+  const int64_t bytes = std::min<int64_t>(PF_ROWS * D * int64_t(sizeof(W)), 64 * 64);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+#endif
+}
+
+// Load once into a register: otherwise GCC folds the load into every FMA that uses the value,
+// multiplying the loads per FMA by the tile's token count.
+template <typename V>
+inline void keep_in_register(V& v) {
+#if defined(__AVX512F__)  // (a 16-lane vector is one register only with AVX-512)
+  asm volatile("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 inline float scalar(float v) { return v; }
 inline float scalar(bf16 v) { return static_cast<float>(v); }
 inline vf splat(float a) { return vf{} + a; }
 inline float hsum(vf v) {
-  vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  vf4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
+  v += SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return v[0] + v[1];
+}
+
+// out[j] = hsum(v[j]) for 16 vectors at once: a transpose-and-add tree (15 adds, 30 shuffles
+// instead of 16 separate horizontal sums).
+inline void hsum16(const vf* v, float* out) {
+  vf c[8], d[4], e[2];
+  for (int k = 0; k < 8; ++k)
+    c[k] = SHUFFLE(v[2 * k], v[2 * k + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           SHUFFLE(v[2 * k], v[2 * k + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  for (int k = 0; k < 4; ++k)
+    d[k] = SHUFFLE(c[2 * k], c[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           SHUFFLE(c[2 * k], c[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  for (int k = 0; k < 2; ++k)
+    e[k] = SHUFFLE(d[2 * k], d[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           SHUFFLE(d[2 * k], d[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  store(out, SHUFFLE(e[0], e[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 SHUFFLE(e[0], e[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+}
+
+// out[rb * TB + tb] = hsum(acc[rb][tb])
+template <int RB, int TB>
+inline void hsum_tile(const vf (&acc)[RB][TB], float* out) {
+  if constexpr (RB * TB == 16) {
+    hsum16(&acc[0][0], out);
+  } else {
+    for (int rb = 0; rb < RB; ++rb)
+      for (int tb = 0; tb < TB; ++tb) out[rb * TB + tb] = hsum(acc[rb][tb]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,12 +192,15 @@ inline void dot_tile_bf16(const bf16* const* xs, const bf16* w, int64_t D, float
     __m512i xv[TB];
     for (int tb = 0; tb < TB; ++tb) xv[tb] = _mm512_maskz_loadu_epi16(m, xs[tb] + d);
     for (int rb = 0; rb < RB; ++rb) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(m, w + rb * D + d);
+      __m512i wv = _mm512_maskz_loadu_epi16(m, w + rb * D + d);
+      keep_in_register(wv);
       for (int tb = 0; tb < TB; ++tb) acc[rb][tb] = _mm512_dpbf16_ps(acc[rb][tb], as_bh(wv), as_bh(xv[tb]));
     }
   }
+  vf sums[RB][TB];
   for (int rb = 0; rb < RB; ++rb)
-    for (int tb = 0; tb < TB; ++tb) out[rb * TB + tb] = _mm512_reduce_add_ps(acc[rb][tb]);
+    for (int tb = 0; tb < TB; ++tb) sums[rb][tb] = (vf)acc[rb][tb];
+  hsum_tile<RB, TB>(sums, out);
 }
 #endif
 
@@ -159,16 +223,22 @@ inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
       vf xv[TB];
       for (int tb = 0; tb < TB; ++tb) xv[tb] = load(xs[tb] + d);
       for (int rb = 0; rb < RB; ++rb) {
-        const vf wv = load(w + rb * D + d);
+#if PF_ROWS
+        __builtin_prefetch(w + (rb + PF_ROWS) * D + d, 0, 0);
+#endif
+        vf wv = load(w + rb * D + d);
+        keep_in_register(wv);
         for (int tb = 0; tb < TB; ++tb) acc[rb][tb] += wv * xv[tb];
       }
     }
-    for (int rb = 0; rb < RB; ++rb)
-      for (int tb = 0; tb < TB; ++tb) {
-        float s = hsum(acc[rb][tb]);
-        for (int64_t j = d; j < D; ++j) s += scalar(w[rb * D + j]) * scalar(xs[tb][j]);
-        out[rb * TB + tb] = s;
-      }
+    hsum_tile<RB, TB>(acc, out);
+    if (d < D)
+      for (int rb = 0; rb < RB; ++rb)
+        for (int tb = 0; tb < TB; ++tb) {
+          float s = 0.0f;
+          for (int64_t j = d; j < D; ++j) s += scalar(w[rb * D + j]) * scalar(xs[tb][j]);
+          out[rb * TB + tb] += s;
+        }
   }
 }
 
@@ -217,6 +287,8 @@ void grouped_in_impl(const X* x, const W* w, const W* bias, const Groups& g, int
     float tile[IN_TB * rows_per_tile];
     for (int64_t i = begin; i < end; ++i) {
       const InItem& it = items[i];
+      if (i + 1 < end && items[i + 1].e != it.e)  // the next expert's block is elsewhere: start it
+        prefetch_rows(w + (items[i + 1].e * R + items[i + 1].r0) * D, D);
       const X* xs[IN_TB];
       int64_t slot[IN_TB];
       for (int64_t tb = 0; tb < it.ntok; ++tb) {
@@ -251,6 +323,18 @@ void check_weight(const at::Tensor& w, const char* name) {
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// Rows of slots not in `slots` (empty slots) are zero; the kernels write all the others.
+void zero_unused_rows(at::Tensor& rows, const at::Tensor& slots) {
+  const int64_t n_rows = rows.size(0), width = rows.size(1), n = slots.numel();
+  if (n == n_rows) return;
+  std::vector<char> used(static_cast<size_t>(n_rows), 0);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t q = 0; q < n; ++q) used[sl[q]] = 1;
+  float* p = rows.data_ptr<float>();
+  for (int64_t r = 0; r < n_rows; ++r)
+    if (!used[r]) std::fill(p + r * width, p + (r + 1) * width, 0.0f);
+}
+
 // bf16 weights and bf16 activations multiply as bf16 (fp32 sums), as torch's bf16 matmul does.
 bool bf16_math(const at::Tensor& x, const at::Tensor& w) {
   return MOEFY_BF16_DOT && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16;
@@ -262,8 +346,9 @@ at::Tensor grouped_in(const at::Tensor& x_in, const at::Tensor& w, const std::op
   const int64_t E = w.size(0), R = w.size(1), D = w.size(2);
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == D, "x must be (T, ", D, ")");
   const int64_t T = x_in.size(0);
-  at::Tensor pre = at::zeros({T * k, R}, x_in.options().dtype(at::kFloat));
+  at::Tensor pre = at::empty({T * k, R}, x_in.options().dtype(at::kFloat));
   const Groups g = groups_of(offsets, slots, k);
+  zero_unused_rows(pre, slots);
   const bool has_b = b.has_value() && b->defined();
   if (has_b) TORCH_CHECK(b->is_contiguous() && b->numel() == E * R && b->scalar_type() == w.scalar_type(), "bad bias");
   float* out = pre.data_ptr<float>();
@@ -307,6 +392,7 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
       float* acc = p == 0 ? out : part.data() + (p - 1) * T * D;
       for (int64_t i = p * chunk; i < std::min(n_items, (p + 1) * chunk); ++i) {
         const Item& it = items[i];
+        if (i + 1 < n_items && items[i + 1].e != it.e) prefetch_rows(w + (items[i + 1].e * S + items[i + 1].s0) * D, D);
         for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q) {
           const int64_t slot = g.slots[q];
           float* o = acc + (slot / g.k) * D;
@@ -316,9 +402,14 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
             const W* w0 = w + (it.e * S + s) * D;
             const vf c0 = splat(c[s]), c1 = splat(c[s + 1]), c2 = splat(c[s + 2]), c3 = splat(c[s + 3]);
             int64_t d = 0;
-            for (; d + L <= D; d += L)
+            for (; d + L <= D; d += L) {
+#if PF_ROWS
+              __builtin_prefetch(w0 + PF_ROWS * D + d, 0, 0);
+              __builtin_prefetch(w0 + (PF_ROWS + 2) * D + d, 0, 0);
+#endif
               store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
                                           (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
+            }
             for (; d < D; ++d)
               o[d] += c[s] * scalar(w0[d]) + c[s + 1] * scalar(w0[D + d]) + c[s + 2] * scalar(w0[2 * D + d]) +
                       c[s + 3] * scalar(w0[3 * D + d]);
@@ -409,88 +500,6 @@ void grouped_out_cols(const float* a, const W* w, const Groups& g, int64_t E, in
   });
 }
 
-#if MOEFY_BF16_DOT
-// Many tokens, bf16 activations and weights: as out_tile, with rows s and s+1 of W interleaved
-// into (s, s+1) pairs per column, so one vdpbf16ps does two rows for 16 columns. U units of 32
-// columns; `width` (<= 32 U) columns are valid from `col`.
-alignas(64) constexpr uint16_t PAIR_LO[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-alignas(64) constexpr uint16_t PAIR_HI[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-
-inline __mmask32 mask32(int64_t n) {
-  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((uint64_t(1) << n) - 1);
-}
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-
-template <int TB, int U>
-inline void out_tile_bf16(const bf16* a, const bf16* w, const int64_t* slots, int64_t k, int64_t S, int64_t D,
-                          int64_t col, int64_t width, float* out) {
-  const __m512i lo = _mm512_load_si512(PAIR_LO), hi = _mm512_load_si512(PAIR_HI);
-  __m512 acc[TB][2 * U];
-  for (int tb = 0; tb < TB; ++tb)
-    for (int v = 0; v < 2 * U; ++v) acc[tb][v] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < S; s += 2) {
-    const bool pair = s + 1 < S;
-    __m512i wp[2 * U];
-    for (int u = 0; u < U; ++u) {
-      const __mmask32 m = mask32(width - 32 * u);
-      const __m512i r0 = _mm512_maskz_loadu_epi16(m, w + s * D + col + 32 * u);
-      const __m512i r1 = pair ? _mm512_maskz_loadu_epi16(m, w + (s + 1) * D + col + 32 * u) : _mm512_setzero_si512();
-      wp[2 * u] = _mm512_permutex2var_epi16(r0, lo, r1);
-      wp[2 * u + 1] = _mm512_permutex2var_epi16(r0, hi, r1);
-    }
-    for (int tb = 0; tb < TB; ++tb) {
-      const bf16* ap = a + slots[tb] * S + s;
-      // (a[s], a[s+1]) as one 32-bit pair; a[s+1] = 0 past the end
-      const uint32_t bits = uint32_t(ap[0].x) | (pair ? uint32_t(ap[1].x) << 16 : 0u);
-      const __m512i c = _mm512_set1_epi32(static_cast<int>(bits));
-      for (int v = 0; v < 2 * U; ++v) acc[tb][v] = _mm512_dpbf16_ps(acc[tb][v], as_bh(wp[v]), as_bh(c));
-    }
-  }
-  for (int tb = 0; tb < TB; ++tb) {
-    float* o = out + (slots[tb] / k) * D + col;
-    for (int v = 0; v < 2 * U; ++v) {
-      const __mmask16 m = mask16(width - 16 * v);
-      _mm512_mask_storeu_ps(o + 16 * v, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + 16 * v), acc[tb][v]));
-    }
-  }
-}
-
-template <int U>
-inline void out_block_bf16(const bf16* a, const bf16* we, const int64_t* slots, int64_t n, int64_t k, int64_t S,
-                           int64_t D, int64_t col, int64_t width, float* out) {
-  int64_t q = 0;
-  for (; q + 4 <= n; q += 4) out_tile_bf16<4, U>(a, we, slots + q, k, S, D, col, width, out);
-  switch (n - q) {
-    case 3: out_tile_bf16<3, U>(a, we, slots + q, k, S, D, col, width, out); break;
-    case 2: out_tile_bf16<2, U>(a, we, slots + q, k, S, D, col, width, out); break;
-    case 1: out_tile_bf16<1, U>(a, we, slots + q, k, S, D, col, width, out); break;
-    default: break;
-  }
-}
-
-void grouped_out_cols_bf16(const bf16* a, const bf16* w, const Groups& g, int64_t E, int64_t S, int64_t D,
-                           float* out) {
-  constexpr int64_t CW = 64;
-  const int64_t nblocks = (D + CW - 1) / CW;
-  const int64_t grain = grain_for(nblocks, (g.offsets[E] - g.offsets[0]) * S * D / 2);
-  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t col = blk * CW, width = std::min(CW, D - col);
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
-        if (n == 0) continue;
-        if (width > 32) out_block_bf16<2>(a, w + e * S * D, g.slots + b, n, g.k, S, D, col, width, out);
-        else out_block_bf16<1>(a, w + e * S * D, g.slots + b, n, g.k, S, D, col, width, out);
-      }
-    }
-  });
-}
-#endif
-
 constexpr int64_t FEW_TOKENS = 8;
 
 at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& offsets,
@@ -502,13 +511,6 @@ at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Te
   const Groups g = groups_of(offsets, slots, k);
   float* o = out.data_ptr<float>();
   const bool few = tokens <= FEW_TOKENS;
-#if MOEFY_BF16_DOT
-  if (!few && bf16_math(a_in, w)) {
-    const at::Tensor a = a_in.contiguous();
-    grouped_out_cols_bf16(a.data_ptr<bf16>(), w.data_ptr<bf16>(), g, E, S, D, o);
-    return out;
-  }
-#endif
   const at::Tensor a = as_f32(a_in);
   if (w.scalar_type() == at::kFloat) {
     if (few) grouped_out_rows(a.data_ptr<float>(), w.data_ptr<float>(), g, E, S, D, tokens, o);
@@ -598,8 +600,6 @@ at::Tensor grouped_wgrad(const at::Tensor& g_in, const at::Tensor& x_in, const a
 
 enum Act : int64_t { ACT_SILU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_RELU = 4 };
 
-typedef int32_t vi __attribute__((vector_size(64)));
-
 // e^v for 16 lanes (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp).
 inline vf vexp(vf v) {
   const vf hi = splat(88.3762626647949f), lo = splat(-87.3365447505531f);
@@ -644,15 +644,14 @@ inline vf vactivate(vf v, int64_t act) {
 }
 
 // a[slot, :] = scale · act(pre[slot, :S]) ⊙ pre[slot, S:2S] (gated) or scale · act(pre[slot, :S]).
-template <typename A>
 void activate_slots(const float* pre, const int64_t* slots, int64_t n, const float* scale, int64_t S, int64_t R,
-                    bool gated, int64_t act, A* a) {
+                    bool gated, int64_t act, float* a) {
   at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / (16 * S)), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t slot = slots[q];
       const float c = scale ? scale[slot] : 1.0f;
       const float* p = pre + slot * R;
-      A* o = a + slot * S;
+      float* o = a + slot * S;
       for (int64_t s0 = 0; s0 < S; s0 += L) {
         const int64_t m = std::min(L, S - s0);
         alignas(64) float g[L] = {}, u[L] = {}, r[L];
@@ -661,7 +660,7 @@ void activate_slots(const float* pre, const int64_t* slots, int64_t n, const flo
         vf v = vactivate(load(g), act) * c;
         if (gated) v *= load(u);
         store(r, v);
-        for (int64_t j = 0; j < m; ++j) o[s0 + j] = static_cast<A>(r[j]);
+        std::copy(r, r + m, o + s0);
       }
     }
   });
@@ -678,10 +677,7 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   at::Tensor pre = grouped_in(x, w_in, b_in, offsets, slots, K);  // (T*K, R) fp32
   const int64_t R = pre.size(1);
   TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
-  // bf16 model, many tokens: the activations are rounded to bf16 for the bf16 down projection
-  const bool a_bf16 = T > FEW_TOKENS && bf16_math(x, w_out);
-  at::Tensor a = a_bf16 ? at::empty({T * K, S}, pre.options().dtype(at::kBFloat16))
-                        : (gated ? at::empty({T * K, S}, pre.options()) : pre);
+  at::Tensor a = gated ? at::empty({T * K, S}, pre.options()) : pre;
   at::Tensor sc;
   const float* scp = nullptr;
   if (scale.has_value() && scale->defined()) {
@@ -692,8 +688,7 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   const int64_t n = slots.numel();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const float* pp = pre.data_ptr<float>();
-  if (a_bf16) activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<bf16>());
-  else activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<float>());
+  activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<float>());
   at::Tensor out = grouped_out(a, w_out, offsets, slots, K, T);
   return out.to(x.scalar_type());
 }

@@ -5,8 +5,8 @@ Schemes compared at equal *active* FFN FLOPs per token (every token passes throu
     dense           one FFN of width d_ff
     switch_top1     Switch Transformer: 8 experts of width d_ff, top-1, weight = p
     top2            Mixtral-style: 16 experts of width d_ff/2, top-2, renormalised softmax weights
-    geometric_top2  seed 002: 16 RMS-normalised experts of width d_ff/2, router predicts norms ρ (softplus),
-                    output Σ_top-2 ρ_i e_i
+    geometric_top2  seed 002: 16 L2-normalised experts of width d_ff/2, router predicts norms ρ (softplus),
+                    output Σ_top-2 ρ_i e_i  (variants: RMS-normalised experts, sigmoid or ReLU for ρ)
 
 All MoE schemes hold the same total expert width (8·d_ff). They train with the Switch balance loss
 (coefficient 1e-2), the router z-loss (1e-3) and capacity factor 1.25 (overflow dropped); evaluation
@@ -57,11 +57,13 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("dense", "dense"),
         Scheme("switch_top1", "softmax", num_experts=8, top_k=1, renormalize=False),
         Scheme("top2", "softmax", num_experts=16, top_k=2),
-        Scheme("geometric_top2", "geometric", num_experts=16, top_k=2, expert_norm="rms"),
+        Scheme("geometric_top2", "geometric", num_experts=16, top_k=2, expert_norm="l2"),
         # variants, not run by default
-        Scheme("geometric_l2_top2", "geometric", num_experts=16, top_k=2, expert_norm="l2"),
-        Scheme("geometric_sigmoid_top2", "geometric", num_experts=16, top_k=2, expert_norm="rms",
+        Scheme("geometric_rms_top2", "geometric", num_experts=16, top_k=2, expert_norm="rms"),
+        Scheme("geometric_sigmoid_top2", "geometric", num_experts=16, top_k=2, expert_norm="l2",
                norm_activation="sigmoid"),
+        Scheme("geometric_relu_top2", "geometric", num_experts=16, top_k=2, expert_norm="l2",
+               norm_activation="relu"),
         Scheme("noisy_top2", "noisy", num_experts=16, top_k=2),
     )
 }
@@ -74,7 +76,7 @@ class DemoConfig:
     n_heads: int = 4
     seq_len: int = 128
     d_ff: int = 512  # dense FFN width = active expert neurons per token in every scheme
-    batch_size: int = 16  # sequences per step
+    batch_size: int = 8  # sequences per step (1024 tokens: a few minutes for 4 schemes on 2 cores)
     steps: int = 300
     lr: float = 3e-3  # AdamW peak, linear warmup then cosine to lr/10
     warmup: int = 30

@@ -43,7 +43,7 @@ class RouterOutput:
     idx: Tensor  # (T, K) int64: selected experts, distinct within a row, best first
     weights: Tensor  # (T, K): the factor each selected expert's output is multiplied by
     logits: Tensor  # (T, E): raw gate scores x W_gᵀ the selection was made on (z-loss input)
-    probs: Tensor  # (T, E): routing distribution, rows sum to 1 (balance-loss input P_i)
+    probs: Tensor  # (T, E): routing distribution, rows sum to 1 (balance-loss input P_i; geometric: ρ / Σ ρ)
     clean_logits: Tensor | None = None  # (T, E): noisy router only, scores before noise
     noise_std: Tensor | None = None  # (T, E): noisy router only, softplus(x W_noiseᵀ)
 
