@@ -5,6 +5,7 @@ figures, and the `analyze` / `report` CLI."""
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,7 +144,8 @@ def test_routing_diagnostics_against_the_moe_layer() -> None:
 def test_oracle_selection_has_perfect_recall_and_all_experts_no_loss() -> None:
     loaded, _ = converted_tiny(selection="oracle")
     batches = random_batches(4, 16, seed=4)
-    diag = routing_diagnostics(loaded.model, batches, name="tiny", causal=True)
+    diag = routing_diagnostics(loaded.model, batches, name="tiny", causal=True, loss_sweep=False)
+    assert diag.layer_loss.isnan().all()
     torch.testing.assert_close(diag.recall, torch.ones_like(diag.recall))
     torch.testing.assert_close(diag.mass_captured, diag.oracle_mass_captured)
     configure(loaded.model, top_k=8)
@@ -282,3 +284,18 @@ def test_cli_help_and_bad_input() -> None:
         args.func(args)
     with pytest.raises(SystemExit):
         p.parse_args(["analyze", "tiny", "--activation", "tanh"])
+
+
+def test_encoder_windows_are_wrapped_like_the_tokenizer_wraps_text() -> None:
+    """tokenize_text on a [CLS] ... [SEP] tokenizer (transformers 5 has no build_inputs_with_special_tokens)."""
+    from moefy.text import tokenize_text
+
+    class WrappingTokenizer:
+        def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+            ids = [3 + b % 100 for b in text.encode()]
+            return SimpleNamespace(input_ids=[101, *ids, 102] if add_special_tokens else ids)
+
+    batch = tokenize_text("abcdefghij" * 5, WrappingTokenizer(), seq_len=12, max_sequences=3)
+    assert batch.input_ids.shape == (3, 12)
+    assert (batch.input_ids[:, 0] == 101).all() and (batch.input_ids[:, -1] == 102).all()
+    assert batch.input_ids[0, 1:11].tolist() == [3 + b % 100 for b in b"abcdefghij"]

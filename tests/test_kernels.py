@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moefy.bench import bench_ffn_layer
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights
 from moefy.kernels import KERNELS, ExpertWeights, get_kernel, reference_expert_ffn
@@ -189,6 +190,31 @@ def test_out_of_range_expert_ids_raise(name: str, bad: int) -> None:
     idx = torch.tensor([[0, bad]])
     with pytest.raises(InvalidArgumentError):
         get_kernel(name)(torch.randn(1, 16), weights, idx, None)
+
+
+@pytest.mark.parametrize("name", FAST_KERNELS)
+@pytest.mark.parametrize("tokens,top_k", [(0, 2), (3, 0)])
+def test_no_tokens_or_no_slots(name: str, tokens: int, top_k: int) -> None:
+    weights = make_weights(4, 6, 16, gated=True)
+    out = get_kernel(name)(torch.randn(tokens, 16), weights, torch.zeros(tokens, top_k, dtype=torch.int64), None)
+    assert out.shape == (tokens, 16) and not out.any()
+
+
+def test_auto_serves_other_dtypes_through_torch() -> None:
+    weights = make_weights(64, 6, 64, gated=True, dtype=torch.float16)
+    idx, scale = make_routing(5, 64, 16, empty=True)
+    x = torch.randn(5, 64).half()
+    ref = reference_expert_ffn(x.float(), as_float(weights), idx, scale)
+    torch.testing.assert_close(get_kernel("auto")(x, weights, idx, scale).float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bench_ffn_layer_reports_medians_and_ratios() -> None:
+    """The benchmark library runs end to end on a tiny layer (its figures are not checked)."""
+    r = bench_ffn_layer(64, 128, num_experts=8, top_k=2, tokens=3, repeats=2, warmup=1, flush_cache=False)
+    assert r["ideal"] == 4 and r["num_experts"] == 8 and r["tokens"] == 3
+    assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
+    with pytest.raises(InvalidArgumentError):
+        bench_ffn_layer(64, 128, num_experts=5, top_k=2, tokens=1)
 
 
 def test_unknown_kernel_names_the_valid_ones() -> None:

@@ -24,6 +24,7 @@ torch.get_num_threads() == 1 (other threads' work would not be counted).
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -67,6 +68,7 @@ def _flush(buffer: Tensor | None) -> None:
 
 
 def _time(fn: Callable[[], Tensor], buffer: Tensor | None, clock: Callable[[], float]) -> float:
+    """Seconds one call of fn takes by `clock`, after evicting the cache if `buffer` is given."""
     _flush(buffer)
     start = clock()
     fn()
@@ -111,36 +113,39 @@ def bench_ffn_layer(
     ffn = random_gated_ffn(d, h, dtype, seed)
     experts = ExpertWeights.from_ffn(ffn, torch.arange(h), num_experts)
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    idx, scale = random_routing(tokens, num_experts, top_k, seed + 2)
-    scale = scale.to(dtype)
-    idx_all, scale_all = random_routing(tokens, num_experts, num_experts, seed + 3)
+    # a fresh routing every repeat, as successive tokens have (and no expert stays cache-warm)
+    routings = [random_routing(tokens, num_experts, top_k, seed + 2 + r) for r in range(repeats)]
+    routings = [(idx, scale.to(dtype)) for idx, scale in routings]
+    idx_all, scale_all = random_routing(tokens, num_experts, num_experts, seed + 1)
     scale_all = scale_all.to(dtype)
     buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32) if flush_cache else None
     w_gate, w_up, w_down = ffn.w_gate, ffn.w_up, ffn.w_down
     assert w_gate is not None
 
-    def dense() -> Tensor:
+    def dense(r: int) -> Tensor:
         return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
 
-    def moe() -> Tensor:
+    def moe(r: int) -> Tensor:
+        idx, scale = routings[r % repeats]
         return expert_ffn(x, experts, idx, scale)
 
-    def moe_all() -> Tensor:
+    def moe_all(r: int) -> Tensor:
         return expert_ffn(x, experts, idx_all, scale_all)
 
-    runs = {"dense": dense, "moe": moe, "moe_all": moe_all}
+    runs: dict[str, Callable[[int], Tensor]] = {"dense": dense, "moe": moe, "moe_all": moe_all}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for _ in range(warmup):
+        for r in range(warmup):
             for fn in runs.values():
-                fn()
+                fn(r)
         for r in range(repeats):
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
-                times[name].append(_time(runs[name], buffer, timer))
+                times[name].append(_time(functools.partial(runs[name], r), buffer, timer))
     dense_ms, moe_ms, moe_all_ms = (1e3 * statistics.median(times[name]) for name in runs)
     weight_bytes = 3 * d * h * ffn.w_up.element_size()
-    active = torch.unique(idx).numel() / num_experts  # fraction of the experts any token uses
+    # fraction of the experts some token uses (the union): what MoE must read
+    active = statistics.mean(torch.unique(idx[idx >= 0]).numel() for idx, _ in routings) / num_experts
     result = {
         "d": d, "h": h, "num_experts": num_experts, "top_k": top_k, "tokens": tokens,
         "dtype": str(dtype).removeprefix("torch."), "kernel": kernel, "repeats": repeats,

@@ -166,9 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH")
     s.set_defaults(func=cmd_flops)
 
-    from moefy.cli_extra import register as register_extra  # bench / analyze / report / demo
+    from moefy.cli_analysis import register as register_analysis  # analyze / report
+    from moefy.cli_extra import register as register_extra  # run / bench
 
     register_extra(sub)
+    register_analysis(sub)
     return p
 
 

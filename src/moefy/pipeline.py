@@ -69,6 +69,6 @@ def run_main_job(
         except ImportError:  # the report module is optional at this stage
             log.warning("moefy.report is not available; skipping the HTML report")
         else:
-            summary["report"] = str(write_report(out))
+            summary["report"] = str(write_report(out, converted=converted))
     summary["out"] = out
     return summary

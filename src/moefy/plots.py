@@ -221,8 +221,8 @@ def fig_layer_loss(d: RoutingDiagnostics) -> Figure:
     ax.set_ylabel(f"loss increase over dense ({unit})")
     full = d.full_loss - d.dense_loss
     ax.set_title(
-        f"{d.model}: which layers hurt most — labels: share of the summed increases "
-        f"(sum {float(delta.sum()):.3f}; all layers converted together: {full:.3f} {unit})", fontsize=10,
+        f"{d.model}: which layers hurt most (bar labels: share of the summed increases)\n"
+        f"sum over layers {float(delta.sum()):.3f}; all layers converted together {full:.3f} {unit}", fontsize=10,
     )
     ax.grid(alpha=0.3, axis="y")
     return fig

@@ -47,7 +47,7 @@ class AnalyzeOptions:
     eps: tuple[float, ...] = DEFAULT_EPS
     eval_sequences: int = 8  # held-out sequences for routing statistics (half English, half code)
     eval_seq_len: int = 128
-    loss_sequences: int = 4  # of those, used for the per-layer loss sweep (L + 2 forward passes)
+    loss_sequences: int = 2  # of those, used for the per-layer loss sweep (L + 2 forward passes each)
     loss_sweep: bool = True
     chunk_tokens: int = 64  # specialisation: tokens per chunk ...
     chunks_per_category: int = 5  # ... and chunks per text category

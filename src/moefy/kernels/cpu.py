@@ -119,9 +119,17 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+CPU_DTYPES = (torch.float32, torch.bfloat16)  # weight dtypes the C++ kernels read
+
+
 def cpu_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor | None = None) -> Tensor:
     """The expert FFN with the C++ kernels (CPU tensors, fp32 or bf16 weights); differentiable."""
     check_inputs(x, weights, idx, scale)
+    if weights.w_in.dtype not in CPU_DTYPES or weights.w_out.dtype != weights.w_in.dtype:
+        raise InvalidArgumentError(
+            f"the cpu kernel reads float32 or bfloat16 weights, got w_in {weights.w_in.dtype} and w_out "
+            f"{weights.w_out.dtype}; use the 'auto' or 'torch_grouped' kernel for other dtypes"
+        )
     ops = _ops()
     w_in, w_out, b_in = weights.w_in.contiguous(), weights.w_out.contiguous(), weights.b_in
     b_in = None if b_in is None else b_in.contiguous()

@@ -1,7 +1,8 @@
 """`auto`: the fastest correct expert kernel for the inputs at hand.
 
-CPU: the C++ kernels for every batch size (fused inference call; autograd when gradients are
-needed), else the pure-torch paths. Other devices: the torch decode path for a few tokens
+CPU with fp32/bf16 weights: the C++ kernels for every batch size (one fused call for inference;
+autograd Functions when gradients are needed); without them (no compiler, other dtypes) the
+pure-torch paths below. Other devices: the torch decode path for a few tokens
 (embedding_bag down projection) and the padded grouped path for batches.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moefy.kernels.cpu import cpu_expert_ffn
+from moefy.kernels.cpu import CPU_DTYPES, cpu_expert_ffn
 from moefy.kernels.cpu_ext import cpu_ops
 from moefy.kernels.decode import torch_decode_expert_ffn
 from moefy.kernels.grouped import torch_grouped_expert_ffn
@@ -19,7 +20,9 @@ DECODE_MAX_TOKENS = 8  # up to this many tokens the decode path beats the padded
 
 
 def auto_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor | None = None) -> Tensor:
-    if x.device.type == "cpu" and weights.w_in.device.type == "cpu" and cpu_ops() is not None:
+    on_cpu = x.device.type == "cpu" and weights.w_in.device.type == "cpu"
+    readable = weights.w_in.dtype in CPU_DTYPES and weights.w_out.dtype == weights.w_in.dtype
+    if on_cpu and readable and cpu_ops() is not None:
         return cpu_expert_ffn(x, weights, idx, scale)
     if x.shape[0] <= DECODE_MAX_TOKENS:
         return torch_decode_expert_ffn(x, weights, idx, scale)

@@ -404,8 +404,7 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
             int64_t d = 0;
             for (; d + L <= D; d += L) {
 #if PF_ROWS
-              __builtin_prefetch(w0 + PF_ROWS * D + d, 0, 0);
-              __builtin_prefetch(w0 + (PF_ROWS + 2) * D + d, 0, 0);
+              for (int64_t ahead = PF_ROWS; ahead < PF_ROWS + 4; ++ahead) __builtin_prefetch(w0 + ahead * D + d, 0, 0);
 #endif
               store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
                                           (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
