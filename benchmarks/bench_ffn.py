@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="auto", help="expert kernel name (moefy.kernels.KERNELS)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="cpu: the thread's CPU time (needs --threads 1; robust on a shared machine)")
-    parser.add_argument("--no-flush", action="store_true", help="do not evict the cache before each timed call")
+    parser.add_argument("--warm", action="store_true",
+                        help="time one copy of the weights over and over (small layers then run from cache)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     repeats = args.repeats or (21 if tokens <= 8 else 5)
                     records.append(bench_ffn_layer(
                         d, h, num_experts, num_experts // f, tokens, dtype=dtype, repeats=repeats,
-                        kernel=args.kernel, flush_cache=not args.no_flush, clock=args.clock,
+                        kernel=args.kernel, cold_weights=not args.warm, clock=args.clock,
                     ))
 
     print("| d x h | tokens | experts | k/n | dense ms | MoE ms | speedup | ideal | vs k=n | GB/s dense / MoE |")

@@ -210,7 +210,7 @@ def test_auto_serves_other_dtypes_through_torch() -> None:
 
 def test_bench_ffn_layer_reports_medians_and_ratios() -> None:
     """The benchmark library runs end to end on a tiny layer (its figures are not checked)."""
-    r = bench_ffn_layer(64, 128, num_experts=8, top_k=2, tokens=3, repeats=2, warmup=1, flush_cache=False)
+    r = bench_ffn_layer(64, 128, num_experts=8, top_k=2, tokens=3, repeats=2, warmup=1, cold_weights=False)
     assert r["ideal"] == 4 and r["num_experts"] == 8 and r["tokens"] == 3
     assert r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["speedup"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
     with pytest.raises(InvalidArgumentError):

@@ -368,13 +368,14 @@ def test_bad_arguments_raise_clear_errors() -> None:
 
 
 def test_demo_trains_every_scheme(tmp_path) -> None:
-    from moefy.layers.demo import SCHEMES, DemoConfig, plot_results, run_demo
+    from moefy.layers.demo import DEFAULT_SCHEMES, DemoConfig, plot_results, run_demo
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
     cfg = DemoConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, d_ff=128, batch_size=4, steps=4, eval_every=2,
                      eval_sequences=4, warmup=1)
-    summary, results = run_demo(text[:8000], text[8000:], cfg, list(SCHEMES))
-    assert [r.scheme for r in results] == list(SCHEMES)
+    schemes = [*DEFAULT_SCHEMES, "noisy_top2"]  # every router kind: dense, softmax, geometric, noisy
+    summary, results = run_demo(text[:8000], text[8000:], cfg, schemes)
+    assert [r.scheme for r in results] == schemes
     flops = {r.scheme: r.ffn_flops_per_token for r in results}
     for r in results:
         assert math.isfinite(r.final_val_loss) and len(r.val_curve) == 3

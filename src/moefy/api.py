@@ -197,15 +197,17 @@ def flops_table(name: str, *, experts: int = 128, top_k: int | None = None) -> l
         loaded = load_model(name)
         ffn = extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec)
         shape = FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
-        ks = [top_k] if top_k else [max(1, experts * f // 8) for f in (1, 2, 4, 6)]
-        router = 0
+        ks = [top_k] if top_k else [max(1, experts * f // 8) for f in (1, 2, 4, 6, 7)]
+        from moefy.routers import MLPRouter
+
+        router = MLPRouter(shape.d_model, experts, ConvertConfig.router_hidden).flops_per_token()  # the default router
     dense = dense_ffn_flops(shape)
     rows = []
     for k in ks:
         with_static = moe_ffn_flops(shape, experts, k, router)
         without = moe_ffn_flops(shape, experts, k, router, static_embeddings=False)
         rows.append({
-            "experts": experts, "top_k": k, "dense_flops": dense, "moe_flops": int(with_static),
+            "experts": experts, "top_k": k, "dense_flops": dense, "router_flops": router, "moe_flops": int(with_static),
             "moe_fraction": with_static / dense, "no_static_flops": int(without), "no_static_fraction": without / dense,
         })
     return rows

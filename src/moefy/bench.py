@@ -8,8 +8,10 @@ makes sparse. Each repeat times dense and MoE back to back (alternating which go
 medians are compared, so machine noise hits both sides alike. The ideal speedup is
 num_experts / top_k (the fraction of FFN weights and FLOPs that run).
 
-With `flush_cache` the last-level cache is overwritten before every timed call, as the other
-layers of a real model would: otherwise a small layer (SmolLM2's 10 MB) is timed from cache.
+With `cold_weights` (default) every repeat reads its own copy of the layer's weights, cycling
+through enough copies to exceed the last-level cache, as decoding through a many-layer model does:
+weights come from memory while code and small tensors stay cached. Without it a small layer
+(SmolLM2's 10 MB) is timed from cache.
 
 Two more figures put the speedup in context. `moe_all_ms` times the same kernel with every
 expert selected (k = n): `speedup_vs_all` is the gain from skipping experts alone, free of how
@@ -41,7 +43,8 @@ from moefy.kernels import ExpertWeights, get_kernel
 
 log = logging.getLogger(__name__)
 
-FLUSH_BYTES = 256 * 2**20  # larger than any last-level cache of the machines we run on
+COLD_BYTES = 256 * 2**20  # weight copies cycled per side: more than any last-level cache we run on
+MAX_COPIES = 64
 
 
 def random_gated_ffn(d: int, h: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> FFNWeights:
@@ -62,14 +65,8 @@ def random_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> 
     return top.indices, torch.softmax(top.values, dim=1)
 
 
-def _flush(buffer: Tensor | None) -> None:
-    if buffer is not None:
-        buffer.add_(1)
-
-
-def _time(fn: Callable[[], Tensor], buffer: Tensor | None, clock: Callable[[], float]) -> float:
-    """Seconds one call of fn takes by `clock`, after evicting the cache if `buffer` is given."""
-    _flush(buffer)
+def _time(fn: Callable[[], Tensor], clock: Callable[[], float]) -> float:
+    """Seconds one call of fn takes by `clock`."""
     start = clock()
     fn()
     return clock() - start
@@ -85,7 +82,7 @@ def bench_ffn_layer(
     repeats: int = 20,
     kernel: str = "auto",
     warmup: int = 2,
-    flush_cache: bool = True,
+    cold_weights: bool = True,
     clock: str = "wall",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -110,27 +107,28 @@ def bench_ffn_layer(
         )
     timer = clocks[clock]
     expert_ffn = get_kernel(kernel)
-    ffn = random_gated_ffn(d, h, dtype, seed)
-    experts = ExpertWeights.from_ffn(ffn, torch.arange(h), num_experts)
+    layer_bytes = 3 * d * h * torch.empty((), dtype=dtype).element_size()
+    copies = min(MAX_COPIES, -(-COLD_BYTES // layer_bytes)) if cold_weights else 1
+    ffns = [random_gated_ffn(d, h, dtype, seed + 100 * c) for c in range(copies)]
+    experts = [ExpertWeights.from_ffn(f, torch.arange(h), num_experts) for f in ffns]
     x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     # a fresh routing every repeat, as successive tokens have (and no expert stays cache-warm)
     routings = [random_routing(tokens, num_experts, top_k, seed + 2 + r) for r in range(repeats)]
     routings = [(idx, scale.to(dtype)) for idx, scale in routings]
     idx_all, scale_all = random_routing(tokens, num_experts, num_experts, seed + 1)
     scale_all = scale_all.to(dtype)
-    buffer = torch.zeros(FLUSH_BYTES // 4, dtype=torch.float32) if flush_cache else None
-    w_gate, w_up, w_down = ffn.w_gate, ffn.w_up, ffn.w_down
-    assert w_gate is not None
 
     def dense(r: int) -> Tensor:
-        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+        f = ffns[r % copies]
+        assert f.w_gate is not None
+        return F.linear(F.silu(F.linear(x, f.w_gate)) * F.linear(x, f.w_up), f.w_down)
 
     def moe(r: int) -> Tensor:
         idx, scale = routings[r % repeats]
-        return expert_ffn(x, experts, idx, scale)
+        return expert_ffn(x, experts[r % copies], idx, scale)
 
-    def moe_all(r: int) -> Tensor:
-        return expert_ffn(x, experts, idx_all, scale_all)
+    def moe_all(r: int) -> Tensor:  # half a cycle away from the copy moe just read
+        return expert_ffn(x, experts[(r + copies // 2) % copies], idx_all, scale_all)
 
     runs: dict[str, Callable[[int], Tensor]] = {"dense": dense, "moe": moe, "moe_all": moe_all}
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -141,15 +139,15 @@ def bench_ffn_layer(
         for r in range(repeats):
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
-                times[name].append(_time(functools.partial(runs[name], r), buffer, timer))
+                times[name].append(_time(functools.partial(runs[name], warmup + r), timer))
     dense_ms, moe_ms, moe_all_ms = (1e3 * statistics.median(times[name]) for name in runs)
-    weight_bytes = 3 * d * h * ffn.w_up.element_size()
+    weight_bytes = layer_bytes
     # fraction of the experts some token uses (the union): what MoE must read
     active = statistics.mean(torch.unique(idx[idx >= 0]).numel() for idx, _ in routings) / num_experts
     result = {
         "d": d, "h": h, "num_experts": num_experts, "top_k": top_k, "tokens": tokens,
         "dtype": str(dtype).removeprefix("torch."), "kernel": kernel, "repeats": repeats,
-        "threads": torch.get_num_threads(), "flush_cache": flush_cache,
+        "threads": torch.get_num_threads(), "cold_weights": cold_weights, "weight_copies": copies,
         "clock": clock, "dense_ms": dense_ms, "moe_ms": moe_ms, "moe_all_ms": moe_all_ms,
         "speedup": dense_ms / moe_ms, "ideal": num_experts / top_k,
         "efficiency": dense_ms / moe_ms / (num_experts / top_k), "speedup_vs_all": moe_all_ms / moe_ms,

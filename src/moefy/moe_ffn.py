@@ -162,9 +162,25 @@ class MoEFFN(nn.Module):
         return self._top_k(scores, self.top_k)
 
     # ---- forward --------------------------------------------------------------------------
+    def dense_forward(self, x: Tensor) -> Tensor:
+        """Every expert selected: two dense products over the expert-major weights (exactly the
+        dense FFN, neurons permuted); used when nothing is skipped, differentiable."""
+        e, s, d = self.num_experts, self.expert_size, self.d_model
+        pre = (x @ self.w_in.reshape(-1, d).t()).reshape(x.shape[0], e, -1)  # (T, E, S_in)
+        if self.b_in is not None:
+            pre = pre + self.b_in
+        a = self.act(pre[..., :s]) * pre[..., s:] if self.gated else self.act(pre)  # (T, E, S)
+        y = a.reshape(x.shape[0], e * s) @ self.w_out.reshape(e * s, d)  # (T, D)
+        return y if self.b_out is None else y + self.b_out
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.d_model)  # (T, D)
+        if self.selection == "all" or (self.top_k == self.num_experts and self.tau is None):
+            if not self.training:
+                self.tokens_seen += x2.shape[0]
+                self.experts_selected += x2.shape[0] * self.num_experts
+            return self.dense_forward(x2).reshape(shape)
         idx = self.select(x2)  # (T, K)
         y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, None)  # (T, D)
         static = self.static_vectors()  # (E, D)

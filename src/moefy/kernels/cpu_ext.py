@@ -10,11 +10,14 @@ their pure-torch paths; set `MOEFY_DISABLE_CPP=1` to skip the build on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
+import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,26 @@ def _build_name(flags: tuple[str, ...]) -> str:
     return f"moefy_expert_ffn_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Put the `ninja` of the `ninja` PyPI package on PATH while building: torch runs `ninja` by
+    name, and a virtual environment's bin folder is not on PATH unless it is activated."""
+    folders = [sysconfig.get_path("scripts")]
+    try:
+        import ninja  # type: ignore[import-not-found]
+
+        folders.insert(0, getattr(ninja, "BIN_DIR", ""))
+    except ImportError:
+        pass
+    old = os.environ.get("PATH", "")
+    extra = [f for f in folders if f and os.path.isdir(f) and f not in old.split(os.pathsep)]
+    os.environ["PATH"] = os.pathsep.join([*extra, old]) if extra else old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _build_and_load() -> Any:
     from torch.utils import cpp_extension
 
@@ -76,10 +99,11 @@ def _build_and_load() -> Any:
         try:
             if not (build_dir / f"{name}.so").exists():
                 log.info("building the C++ expert kernels (once per machine) in %s", build_dir)
-            cpp_extension.load(
-                name=name, sources=[str(SOURCE)], extra_cflags=list(flags), extra_ldflags=ldflags,
-                build_directory=str(build_dir), is_python_module=False, verbose=False,
-            )
+            with _ninja_on_path():
+                cpp_extension.load(
+                    name=name, sources=[str(SOURCE)], extra_cflags=list(flags), extra_ldflags=ldflags,
+                    build_directory=str(build_dir), is_python_module=False, verbose=False,
+                )
             return getattr(torch.ops, LIBRARY)
         except (RuntimeError, OSError, ImportError) as err:  # compiler/ninja missing or failing
             last_error = err

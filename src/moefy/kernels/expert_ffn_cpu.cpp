@@ -595,7 +595,7 @@ at::Tensor grouped_wgrad(const at::Tensor& g_in, const at::Tensor& x_in, const a
 }
 
 // ---------------------------------------------------------------------------------------------
-// fused_decode: the whole expert FFN in one call, for activations known by code.
+// fused_expert_ffn: the whole expert FFN in one call (inference), for activations known by code.
 
 enum Act : int64_t { ACT_SILU = 1, ACT_GELU = 2, ACT_GELU_TANH = 3, ACT_RELU = 4 };
 
@@ -619,7 +619,7 @@ inline vf vexp(vf v) {
   return y * reinterpret_cast<const vf&>(e);
 }
 
-// The activations of enum Act, 16 lanes at a time; within 1e-6 (relative) of torch's.
+// The activations of enum Act, 16 lanes at a time; within about 1e-6 · max(1, |v|) of torch's.
 inline vf vactivate(vf v, int64_t act) {
   const vf zero = vf{};
   switch (act) {
