@@ -24,6 +24,17 @@ from moefy.bench import bench_ffn_layer
 SIZES = {"576x1536": (576, 1536), "2048x5632": (2048, 5632), "4096x11008": (4096, 11008)}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="d x h of the layers")
@@ -67,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['speedup_vs_all']:.2f}x | {r['dense_gbps']:.1f} / {r['moe_gbps']:.1f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        meta = {"machine": _cpu_name(), "cpus": os.cpu_count(),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "argv": sys.argv[1:]}
         args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=2))
     return 0

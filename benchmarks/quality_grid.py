@@ -120,6 +120,11 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
                     record(conv, f"{label}, mean r, static random", budget, n, k_static)
         del conv, loaded
     # CATS-style thresholding at the same FFN FLOPs, on dense-model FFN inputs
+    if cats and samples is None:
+        from moefy.calibrate import calibrate_blockwise
+
+        batches = calibration_batches(dense, None, calibration_sequences)
+        samples = [c.sample_x for c in calibrate_blockwise(dense.model, dense.spec, batches, sequential=False)]
     for budget in budgets if cats else []:
         cats = load_model(name)
         try:
@@ -161,7 +166,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--experts", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--experts", type=int, nargs="*", default=[64, 256], help="expert counts (none: baselines only)")
     p.add_argument("--shared", type=float, nargs="+", default=None, help="shared fraction per expert count")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--eval-sequences", type=int, default=40)

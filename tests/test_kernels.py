@@ -109,7 +109,7 @@ def test_kernels_equal_reference_fp32(shape: tuple[int, int, int], tokens: int, 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", [(4, 6, 16), (64, 24, 64), (256, 4, 64), (4, 6, 100)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 6, 16), (64, 24, 64), (256, 4, 64), (4, 6, 100), (8, 5, 40)], ids=str)
 def test_kernels_equal_reference_bf16(shape: tuple[int, int, int], tokens: int, gated: bool) -> None:
     num_experts, size, d = shape
     weights = make_weights(num_experts, size, d, gated=gated, dtype=torch.bfloat16, seed=tokens)

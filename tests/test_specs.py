@@ -37,7 +37,7 @@ from moefy.specs import (
     spec_for,
     supported_model_types,
 )
-from tiny_models import TINY_CASES, case_id, model_output, tiny_inputs, tiny_model
+from tests.tiny_models import TINY_CASES, case_id, model_output, tiny_inputs, tiny_model
 
 NUM_EXPERTS = 4
 

@@ -13,6 +13,11 @@ Selection modes: `router` (a trained scorer, top-k or dynamic-k), `oracle` (exac
 norms ‖(a_e − r_e) W_down[:, e]ᵀ‖ — full cost, the upper bound), `static` (one fixed expert
 set per layer, ranked by `importance`), `all` (every expert: reproduces the dense FFN).
 Experts 0..num_shared-1 are shared: always selected, counted in k.
+
+Router fine-tuning (`moefy.finetune`): with `train_router_scale` set, a layer in training mode
+multiplies each selected routed expert's *departure from its static vector*, v_e − m_e, by the
+straight-through gate g_e = 1 + p_e − sg(p_e), p = softmax of the router logits over the routed
+experts. Its value is 1, so the output is unchanged; its gradient reaches the router.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class MoEFFN(nn.Module):
         self.num_experts, self.expert_size, self.d_model = e, s, d
         self.num_shared = num_shared
         self.kernel_name = kernel
+        self.train_router_scale = False  # straight-through router gate in training mode (moefy.finetune)
         self.tau: float | None = None
         self.configure(top_k=top_k, selection=selection, tau=tau)
         self.reset_counters()
@@ -153,13 +159,37 @@ class MoEFFN(nn.Module):
         elif self.selection == "oracle":
             scores = self.oracle_scores(x)
         else:
-            assert self.router is not None
-            scores = self.router(x).to(x.dtype)
-            if scores.shape[-1] == self.num_experts - self.num_shared:  # routers score routed experts only
-                scores = torch.cat([scores.new_zeros(t, self.num_shared), scores], dim=1)
+            return self.select_routed(self.router_logits(x))
+        return self._select_from_scores(scores)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """The router's scores of the routed experts: (T, E − num_shared)."""
+        assert self.router is not None
+        scores = self.router(x).to(x.dtype)
+        if scores.shape[-1] == self.num_experts:  # a router that also scores the shared experts
+            scores = scores[:, self.num_shared :]
+        return scores
+
+    def select_routed(self, logits: Tensor) -> Tensor:
+        """Selection from router logits over the routed experts (T, E − num_shared): (T, K)."""
+        scores = torch.cat([logits.new_zeros(logits.shape[0], self.num_shared), logits], dim=1)  # (T, E)
+        return self._select_from_scores(scores)
+
+    def _select_from_scores(self, scores: Tensor) -> Tensor:
         if self.tau is not None:
             return self._dynamic_k(scores)
         return self._top_k(scores, self.top_k)
+
+    def _straight_through_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Selection (T, K) and straight-through gates (T, K): 1 + p_e − sg(p_e) on routed slots,
+        p = softmax over the routed experts' logits; 1 on shared and empty slots."""
+        logits = self.router_logits(x)  # (T, E − ns)
+        idx = self.select_routed(logits.detach())  # (T, K)
+        ns = self.num_shared
+        probs = torch.softmax(logits.float(), dim=-1)  # (T, E − ns)
+        p = probs.gather(1, (idx[:, ns:] - ns).clamp_min(0))  # (T, K − ns)
+        gate = 1.0 + p - p.detach()
+        return idx, torch.cat([gate.new_ones(x.shape[0], ns), gate], dim=1).to(x.dtype)
 
     # ---- forward --------------------------------------------------------------------------
     def dense_forward(self, x: Tensor) -> Tensor:
@@ -181,11 +211,16 @@ class MoEFFN(nn.Module):
                 self.tokens_seen += x2.shape[0]
                 self.experts_selected += x2.shape[0] * self.num_experts
             return self.dense_forward(x2).reshape(shape)
-        idx = self.select(x2)  # (T, K)
-        y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, None)  # (T, D)
+        scale = None  # (T, K) straight-through gates while fine-tuning the router, else none (= 1)
+        if self.training and self.train_router_scale and self.selection == "router" and self.router is not None:
+            idx, scale = self._straight_through_route(x2)
+        else:
+            idx = self.select(x2)  # (T, K)
+        y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e
         static = self.static_vectors()  # (E, D)
         valid = (idx >= 0).to(x2.dtype)  # (T, K)
-        chosen = (static[idx.clamp_min(0)] * valid.unsqueeze(-1)).sum(1)  # (T, D) Σ_{e∈S} m_e
+        weight = valid if scale is None else valid * scale
+        chosen = (static[idx.clamp_min(0)] * weight.unsqueeze(-1)).sum(1)  # (T, D) Σ_{e∈S} g_e m_e
         y = y + (static.sum(0) - chosen)
         if self.b_out is not None:
             y = y + self.b_out

@@ -10,7 +10,9 @@ autograd Functions with the activation in torch between them:
     out = grouped_out(a, W_out)        (T, D)         backward: da = grouped_in(dout, W_out)
     weight gradients: grouped_wgrad (per-expert outer products, only active experts non-zero)
 
-Arithmetic is fp32 (bf16 weights are widened on load); the output has x's dtype.
+Sums are fp32. bf16 weights are widened on load, except that a bf16 model on a CPU with
+AVX512-BF16 multiplies bf16 by bf16 (vdpbf16ps), as torch's own bf16 matmul does: in the input
+projection always, and in the fused call's down projection for batches. The output has x's dtype.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""Pure-torch expert kernel for a few tokens (decoding): per used slot, the selected experts'
-input rows are contracted with the token, and the down projection is one `embedding_bag` over
-the output rows viewed as a (E * S, D) table, which sums the selected rows weighted by the
-activations without copying them. The input projection gathers the selected (S_in, D) blocks
-(a copy of K blocks per token); the C++ kernel (`cpu.py`) avoids that copy.
+"""Pure-torch expert kernel for a few tokens (decoding). The input projection gathers the rows of
+the experts any token selected (their union, U experts) into one (U * S_in, D) matrix and runs one
+matmul against all T tokens, then keeps each slot's own (expert, token) entries (for T <= 8 the
+extra products are cheap). The down projection is one `embedding_bag` over the output rows viewed
+as a (E * S, D) table, which sums the selected rows weighted by the activations without copying
+them. The gather copies U input blocks; the C++ kernel (`cpu.py`) avoids that copy.
 
 Works on any device and is differentiable by torch autograd.
-Legend: T tokens, K slots, N used slots, S neurons per expert, S_in input rows, D width.
+Legend: T tokens, K slots, N used slots, U experts used by any token, S neurons per expert, S_in
+input rows, D width.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ def torch_decode_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scal
     flat = idx.reshape(-1)
     slots = (flat >= 0).nonzero().squeeze(1)  # (N,) in token order
     experts, token = flat[slots], slots // k  # (N,), (N,)
-    pre = torch.einsum("nrd,nd->nr", weights.w_in.index_select(0, experts), x.index_select(0, token))  # (N, S_in)
+    union, position = torch.unique(experts, return_inverse=True)  # (U,), (N,)
+    w_union = weights.w_in.index_select(0, union)  # (U, S_in, D)
+    pre_all = (w_union.reshape(-1, d) @ x.t()).view(union.numel(), w_union.shape[1], t)  # (U, S_in, T)
+    pre = pre_all[position, :, token]  # (N, S_in)
     if weights.b_in is not None:
         pre = pre + weights.b_in.index_select(0, experts)
     a = gated_activation(pre, weights)  # (N, S)

@@ -499,6 +499,94 @@ void grouped_out_cols(const float* a, const W* w, const Groups& g, int64_t E, in
   });
 }
 
+#if MOEFY_BF16_DOT
+// Many tokens, bf16 activations and weights: as grouped_out_cols, with vdpbf16ps. Each expert's
+// 64-column block of W is first repacked into (s, s+1) row pairs per column, once per block and
+// expert (then reused by all its token tiles), so one instruction does two rows for 16 columns.
+alignas(64) constexpr uint16_t PAIR_LO[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+alignas(64) constexpr uint16_t PAIR_HI[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+
+inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((uint64_t(1) << n) - 1);
+}
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// packed[p * 4 + v]: columns 16 v .. 16 v + 15 of rows 2p, 2p+1 of W[e, :, col : col + width], paired.
+inline void pack_pairs(const bf16* we, int64_t S, int64_t D, int64_t col, int64_t width, __m512i* packed) {
+  const __m512i lo = _mm512_load_si512(PAIR_LO), hi = _mm512_load_si512(PAIR_HI);
+  for (int64_t s = 0; s < S; s += 2) {
+    for (int u = 0; u < 2; ++u) {
+      const __mmask32 m = mask32(width - 32 * u);
+      const __m512i r0 = _mm512_maskz_loadu_epi16(m, we + s * D + col + 32 * u);
+      const __m512i r1 = s + 1 < S ? _mm512_maskz_loadu_epi16(m, we + (s + 1) * D + col + 32 * u) : _mm512_setzero_si512();
+      packed[(s / 2) * 4 + 2 * u] = _mm512_permutex2var_epi16(r0, lo, r1);
+      packed[(s / 2) * 4 + 2 * u + 1] = _mm512_permutex2var_epi16(r0, hi, r1);
+    }
+  }
+}
+
+template <int TB>
+inline void out_tile_bf16(const bf16* a, const __m512i* packed, const int64_t* slots, int64_t k, int64_t S,
+                          int64_t D, int64_t col, int64_t width, float* out) {
+  __m512 acc[TB][4];
+  for (int tb = 0; tb < TB; ++tb)
+    for (int v = 0; v < 4; ++v) acc[tb][v] = _mm512_setzero_ps();
+  const uint16_t* ab = reinterpret_cast<const uint16_t*>(a);
+  for (int64_t s = 0; s < S; s += 2) {
+    __m512i wv[4];
+    for (int v = 0; v < 4; ++v) {
+      wv[v] = _mm512_load_si512(packed + (s / 2) * 4 + v);
+      keep_in_register(wv[v]);
+    }
+    for (int tb = 0; tb < TB; ++tb) {
+      const uint16_t* ar = ab + slots[tb] * S + s;  // the pair (a[s], a[s+1]); a[s+1] = 0 past the end
+      const __m512i c = _mm512_set1_epi32(static_cast<int>(ar[0] | (s + 1 < S ? uint32_t(ar[1]) << 16 : 0u)));
+      for (int v = 0; v < 4; ++v) acc[tb][v] = _mm512_dpbf16_ps(acc[tb][v], as_bh(wv[v]), as_bh(c));
+    }
+  }
+  for (int tb = 0; tb < TB; ++tb) {
+    float* o = out + (slots[tb] / k) * D + col;
+    for (int v = 0; v < 4; ++v) {
+      const __mmask16 m = mask16(width - 16 * v);
+      _mm512_mask_storeu_ps(o + 16 * v, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + 16 * v), acc[tb][v]));
+    }
+  }
+}
+
+void grouped_out_cols_bf16(const bf16* a, const bf16* w, const Groups& g, int64_t E, int64_t S, int64_t D,
+                           float* out) {
+  constexpr int64_t CW = 64;
+  const int64_t nblocks = (D + CW - 1) / CW;
+  const int64_t grain = grain_for(nblocks, (g.offsets[E] - g.offsets[0]) * S * D / 2);
+  at::parallel_for(0, nblocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<__m512i> packed(static_cast<size_t>((S + 1) / 2 * 4));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t col = blk * CW, width = std::min(CW, D - col);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
+        if (n == 0) continue;
+        pack_pairs(w + e * S * D, S, D, col, width, packed.data());
+        const int64_t* sl = g.slots + b;
+        int64_t q = 0;
+        for (; q + 6 <= n; q += 6) out_tile_bf16<6>(a, packed.data(), sl + q, g.k, S, D, col, width, out);
+        switch (n - q) {
+          case 5: out_tile_bf16<5>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          case 4: out_tile_bf16<4>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          case 3: out_tile_bf16<3>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          case 2: out_tile_bf16<2>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          case 1: out_tile_bf16<1>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
+#endif
+
 constexpr int64_t FEW_TOKENS = 8;
 
 at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& offsets,
@@ -510,6 +598,13 @@ at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Te
   const Groups g = groups_of(offsets, slots, k);
   float* o = out.data_ptr<float>();
   const bool few = tokens <= FEW_TOKENS;
+#if MOEFY_BF16_DOT
+  if (!few && bf16_math(a_in, w)) {
+    const at::Tensor a = a_in.contiguous();
+    grouped_out_cols_bf16(a.data_ptr<bf16>(), w.data_ptr<bf16>(), g, E, S, D, o);
+    return out;
+  }
+#endif
   const at::Tensor a = as_f32(a_in);
   if (w.scalar_type() == at::kFloat) {
     if (few) grouped_out_rows(a.data_ptr<float>(), w.data_ptr<float>(), g, E, S, D, tokens, o);
@@ -643,14 +738,15 @@ inline vf vactivate(vf v, int64_t act) {
 }
 
 // a[slot, :] = scale · act(pre[slot, :S]) ⊙ pre[slot, S:2S] (gated) or scale · act(pre[slot, :S]).
+template <typename A>
 void activate_slots(const float* pre, const int64_t* slots, int64_t n, const float* scale, int64_t S, int64_t R,
-                    bool gated, int64_t act, float* a) {
+                    bool gated, int64_t act, A* a) {
   at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / (16 * S)), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t slot = slots[q];
       const float c = scale ? scale[slot] : 1.0f;
       const float* p = pre + slot * R;
-      float* o = a + slot * S;
+      A* o = a + slot * S;
       for (int64_t s0 = 0; s0 < S; s0 += L) {
         const int64_t m = std::min(L, S - s0);
         alignas(64) float g[L] = {}, u[L] = {}, r[L];
@@ -659,7 +755,7 @@ void activate_slots(const float* pre, const int64_t* slots, int64_t n, const flo
         vf v = vactivate(load(g), act) * c;
         if (gated) v *= load(u);
         store(r, v);
-        std::copy(r, r + m, o + s0);
+        for (int64_t j = 0; j < m; ++j) o[s0 + j] = static_cast<A>(r[j]);
       }
     }
   });
@@ -676,7 +772,10 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   at::Tensor pre = grouped_in(x, w_in, b_in, offsets, slots, K);  // (T*K, R) fp32
   const int64_t R = pre.size(1);
   TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
-  at::Tensor a = gated ? at::empty({T * K, S}, pre.options()) : pre;
+  // bf16 weights, many tokens: a is rounded to bf16 for the vdpbf16ps down projection
+  const bool a_bf16 = T > FEW_TOKENS && bf16_math(x, w_out);
+  at::Tensor a = a_bf16 ? at::empty({T * K, S}, pre.options().dtype(at::kBFloat16))
+                        : (gated ? at::empty({T * K, S}, pre.options()) : pre);
   at::Tensor sc;
   const float* scp = nullptr;
   if (scale.has_value() && scale->defined()) {
@@ -687,7 +786,8 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   const int64_t n = slots.numel();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const float* pp = pre.data_ptr<float>();
-  activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<float>());
+  if (a_bf16) activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<bf16>());
+  else activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<float>());
   at::Tensor out = grouped_out(a, w_out, offsets, slots, K, T);
   return out.to(x.scalar_type());
 }
