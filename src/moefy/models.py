@@ -165,7 +165,7 @@ def _dequantised_gguf_folder(b: BundledModel) -> Path:
         log.info("dequantising %s from GGUF (once; cached at %s)", b.name, folder)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf_file, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are plain fp32 now
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - the weights are plain fp32 now
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=f".{b.name}-", dir=folder.parent))

@@ -145,6 +145,7 @@ class MoEFFN(nn.Module):
         mass = top.cumsum(1) / routed_scores.sum(1, keepdim=True).clamp_min(1e-12)
         # keep slot j if the mass before it is still below tau (the first routed slot always kept)
         before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
+        assert self.tau is not None
         keep = before < self.tau
         routed = torch.where(keep, idx[:, ns:], torch.full_like(idx[:, ns:], -1))
         return torch.cat([idx[:, :ns], routed], dim=1)

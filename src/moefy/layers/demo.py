@@ -137,7 +137,7 @@ def build_ffn(scheme: Scheme, cfg: DemoConfig) -> nn.Module:
         scheme.num_experts, cfg.d_model, cfg.d_ff // scheme.top_k, normalize=scheme.expert_norm, init_std=cfg.init_std
     )
     if scheme.router == "softmax":
-        router = TopKRouter(cfg.d_model, scheme.num_experts, scheme.top_k, renormalize=scheme.renormalize)
+        router: TopKRouter | NoisyTopKRouter | GeometricRouter = TopKRouter(cfg.d_model, scheme.num_experts, scheme.top_k, renormalize=scheme.renormalize)
     elif scheme.router == "noisy":
         router = NoisyTopKRouter(cfg.d_model, scheme.num_experts, scheme.top_k)
     elif scheme.router == "geometric":
@@ -179,7 +179,7 @@ class TinyLM(nn.Module):
             nn.init.normal_(emb.weight, std=cfg.init_std)
         for blk in self.blocks:
             for lin in (blk.qkv, blk.proj):
-                nn.init.normal_(lin.weight, std=cfg.init_std)
+                nn.init.normal_(lin.weight, std=cfg.init_std)  # type: ignore[arg-type]
 
     def forward(self, ids: Tensor) -> tuple[Tensor, list[MoEOutput]]:
         """ids (B, T) -> logits (B, T, 256) and each MoE layer's output record."""
@@ -200,7 +200,7 @@ def aux_losses(moe_outs: list[MoEOutput], cfg: DemoConfig) -> Tensor:
         cfg.balance_coef * switch_balance_loss(o.router.probs, o.router.idx) + cfg.z_coef * router_z_loss(o.router.logits)
         for o in moe_outs
     )
-    return total / len(moe_outs)
+    return torch.as_tensor(total) / len(moe_outs)
 
 
 def _windows(data: Tensor, seq_len: int, starts: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,7 +280,7 @@ def train_scheme(scheme: Scheme, train: Tensor, val: Tensor, cfg: DemoConfig) ->
     return SchemeResult(
         scheme=scheme.name,
         params_total=sum(p.numel() for p in model.parameters()),
-        params_ffn=sum(p.numel() for b in model.blocks for p in b.ffn.parameters()),
+        params_ffn=sum(p.numel() for b in model.blocks for p in b.ffn.parameters()),  # type: ignore[misc]
         ffn_flops_per_token=ffn.flops_per_token(),
         val_curve=curve,
         final_val_loss=final,

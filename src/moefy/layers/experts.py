@@ -91,6 +91,7 @@ class Experts(nn.Module):
             experts.w_in.copy_(weights.w_in)
             experts.w_out.copy_(weights.w_out)
             if weights.b_in is not None:
+                assert experts.b_in is not None
                 experts.b_in.copy_(weights.b_in)
         return experts
 
