@@ -66,6 +66,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from moefy.text import bundled_text, tokenize_text
 
         converted = load_converted(args.model)
+        if args.budget is not None:
+            from moefy.convert import configure, top_k_for_budget
+
+            configure(converted.model, top_k=top_k_for_budget(converted.model, args.budget))
         dense = load_model(converted.base_identity["name"])
         batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, 256, 4)
         e2e = bench_models(dense.model, converted.model, batch.input_ids[:1, :32], batch.input_ids,
@@ -89,6 +93,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-layers", action="store_true", help="skip the FFN-layer benchmark")
     s.add_argument("--repeats", type=int, default=10, help="timed repeats per configuration (median)")
     s.add_argument("--new-tokens", type=int, default=32, help="tokens to decode end to end")
+    s.add_argument("--budget", type=float, help="with --model: set k for this FFN FLOPs budget (e.g. 0.5)")
     s.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     s.add_argument("--json", metavar="PATH", help="write all results as JSON")
     s.set_defaults(func=cmd_bench)
