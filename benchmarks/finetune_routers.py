@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--checkpoint", default="runs/finetune_routers/converted", help="converted model cache folder")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-5)
     p.add_argument("--balance-weight", type=float, default=1e-2)
     p.add_argument("--z-weight", type=float, default=0.0)
     p.add_argument("--representatives", action="store_true", help="also train the representatives")

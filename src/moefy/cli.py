@@ -168,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moefy.cli_analysis import register as register_analysis  # analyze / report
     from moefy.cli_extra import register as register_extra  # run / bench
+    from moefy.cli_finetune import register as register_finetune  # finetune
 
     register_extra(sub)
     register_analysis(sub)
+    register_finetune(sub)
     return p
 
 

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("checkpoint", metavar="CKPT_DIR", help="converted checkpoint folder")
     s.add_argument("--out", required=True, help="output folder for the fine-tuned checkpoint")
     s.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    s.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
+    s.add_argument("--lr", type=float, default=3e-5, help="peak AdamW learning rate (default 3e-5)")
     s.add_argument("--balance-weight", type=float, default=1e-2, help="Switch balance-loss weight (default 1e-2)")
     s.add_argument("--z-weight", type=float, default=0.0, help="router z-loss weight (default 0; ST-MoE uses 1e-3)")
     s.add_argument("--representatives", action="store_true", help="also train the representatives r")

@@ -269,7 +269,7 @@ def finetune_routers(
     batches: Sequence[TokenBatch],
     *,
     steps: int = 100,
-    lr: float = 1e-3,
+    lr: float = 3e-5,
     balance_weight: float = 1e-2,
     z_weight: float = 0.0,
     train_representatives: bool = False,
