@@ -219,9 +219,10 @@ class MoEFFN(nn.Module):
             idx = self.select(x2)  # (T, K)
         y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e
         static = self.static_vectors()  # (E, D)
-        valid = (idx >= 0).to(x2.dtype)  # (T, K)
-        weight = valid if scale is None else valid * scale
-        chosen = (static[idx.clamp_min(0)] * weight.unsqueeze(-1)).sum(1)  # (T, D) Σ_{e∈S} g_e m_e
+        valid = (idx >= 0).to(static.dtype)  # (T, K)
+        weight = valid if scale is None else valid * scale.to(static.dtype)
+        # Σ_{e∈S} g_e m_e: (T, D), reading k rows of m per token (no (T, K, D) intermediate)
+        chosen = nn.functional.embedding_bag(idx.clamp_min(0), static, per_sample_weights=weight, mode="sum")
         y = y + (static.sum(0) - chosen)
         if self.b_out is not None:
             y = y + self.b_out
