@@ -201,7 +201,8 @@ def build_moe_layer(ffn_weights, calib: LayerCalibration, config: ConvertConfig)
     if config.static_ranking == "random":
         importance = torch.rand(n, generator=torch.Generator().manual_seed(config.seed + calib.index))
     else:
-        importance = expert_targets(experts, reps, x, "residual").float().mean(0)
+        residual = targets if config.router_target == "residual" else expert_targets(experts, reps, x, "residual")
+        importance = residual.float().mean(0)
     importance[:ns] = float("inf")
     moe = MoEFFN(
         experts=experts, representatives=reps, b_out=ffn_weights.b_down, router=router,
