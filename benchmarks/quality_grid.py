@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moefy.api import calibration_batches, evaluate_model, k_for_model_budget
-from moefy.baselines import apply_cats, cats_keep_fraction
+from moefy.baselines import apply_cats
 from moefy.convert import (
     ConvertConfig,
     configure,
@@ -128,11 +128,10 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
     for budget in budgets if cats else []:
         cats = load_model(name)
         try:
-            cats_keep_fraction(budget, True)
-        except InvalidArgumentError:
+            layers = apply_cats(cats.model, cats.spec, samples, budget)
+        except InvalidArgumentError:  # the full gate (or first projection) alone exceeds the budget
             rows.append({**base, "method": "CATS-style threshold", "budget": budget, "note": "infeasible: the full gate costs more"})
             continue
-        layers = apply_cats(cats.model, cats.spec, samples, budget)
         q = _quality(cats, reference, eval_sequences)
         kept = sum(m.kept for m in layers) / max(1, sum(m.seen for m in layers))
         gated = layers[0].ffn.gated
