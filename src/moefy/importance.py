@@ -17,14 +17,6 @@ from moefy.moe_ffn import MoEFFN
 from moefy.text import TokenBatch
 
 
-def _expert_activations(m: MoEFFN, x: Tensor) -> Tensor:
-    pre = torch.einsum("td,esd->tes", x, m.w_in)
-    if m.b_in is not None:
-        pre = pre + m.b_in
-    s = m.expert_size
-    return m.act(pre[..., :s]) * pre[..., s:] if m.gated else m.act(pre)  # (T, E, S)
-
-
 def taylor_importance(model: nn.Module, batches: list[TokenBatch]) -> list[Tensor]:
     """Per MoE layer, importance (E,) from LM-loss gradients on `batches` (causal LMs).
     Runs with every expert selected, so the gradients are the dense model's."""
@@ -46,7 +38,7 @@ def taylor_importance(model: nn.Module, batches: list[TokenBatch]) -> list[Tenso
     def _accumulate(i: int, m: MoEFFN, grad: Tensor) -> None:
         g = grad.detach().reshape(-1, m.d_model)  # (T, D)
         with torch.no_grad():
-            a = _expert_activations(m, inputs[i])  # (T, E, S)
+            a = m.expert_weights.all_activations(inputs[i])  # (T, E, S)
             u = torch.einsum("td,esd->tes", g, m.w_out)  # (T, E, S)
             scores[i] += ((a - m.representatives) * u).sum(-1).abs().sum(0).float()
 

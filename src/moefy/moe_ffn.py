@@ -118,12 +118,7 @@ class MoEFFN(nn.Module):
     # ---- selection ------------------------------------------------------------------------
     def oracle_scores(self, x: Tensor) -> Tensor:
         """Exact residual norms ‖(a_e(x) − r_e) W_out[e]‖ for every expert: (T, E). Full cost."""
-        pre = torch.einsum("td,esd->tes", x, self.w_in)  # (T, E, S_in)
-        if self.b_in is not None:
-            pre = pre + self.b_in
-        s = self.expert_size
-        a = self.act(pre[..., :s]) * pre[..., s:] if self.gated else self.act(pre)  # (T, E, S)
-        u = a - self.representatives  # (T, E, S)
+        u = self.expert_weights.all_activations(x) - self.representatives  # (T, E, S)
         gram = torch.einsum("esd,erd->esr", self.w_out, self.w_out)  # (E, S, S)
         return torch.einsum("tes,esr,ter->te", u, gram, u).clamp_min(0).sqrt()
 
@@ -197,10 +192,7 @@ class MoEFFN(nn.Module):
         """Every expert selected: two dense products over the expert-major weights (exactly the
         dense FFN, neurons permuted); used when nothing is skipped, differentiable."""
         e, s, d = self.num_experts, self.expert_size, self.d_model
-        pre = (x @ self.w_in.reshape(-1, d).t()).reshape(x.shape[0], e, -1)  # (T, E, S_in)
-        if self.b_in is not None:
-            pre = pre + self.b_in
-        a = self.act(pre[..., :s]) * pre[..., s:] if self.gated else self.act(pre)  # (T, E, S)
+        a = self.expert_weights.all_activations(x)  # (T, E, S)
         y = a.reshape(x.shape[0], e * s) @ self.w_out.reshape(e * s, d)  # (T, D)
         return y if self.b_out is None else y + self.b_out
 

@@ -61,13 +61,9 @@ def expert_targets(
         raise InvalidArgumentError(f"unknown router target {target!r}; valid: {', '.join(TARGETS)}")
     gram = torch.einsum("esd,erd->esr", experts.w_out, experts.w_out)  # (E, S, S)
     out = []
-    s = experts.expert_size
     for i in range(0, x.shape[0], chunk):
         xc = x[i : i + chunk]
-        pre = torch.einsum("td,esd->tes", xc, experts.w_in)
-        if experts.b_in is not None:
-            pre = pre + experts.b_in
-        a = experts.act(pre[..., :s]) * pre[..., s:] if experts.gated else experts.act(pre)  # (T, E, S)
+        a = experts.all_activations(xc)  # (T, E, S)
         u = a - representatives
         if target == "residual":
             out.append(torch.einsum("tes,esr,ter->te", u, gram, u).clamp_min(0).sqrt())

@@ -66,6 +66,15 @@ class ExpertWeights:
             b_in=None if b_in is None else b_in.contiguous(),
         )
 
+    def all_activations(self, x: Tensor) -> Tensor:
+        """a_e(x) for every expert at once: (T, D) -> (T, E, S). Full cost (one dense pass)."""
+        e, d = self.num_experts, self.d_model
+        pre = (x @ self.w_in.reshape(-1, d).t()).reshape(x.shape[0], e, -1)  # (T, E, S_in)
+        if self.b_in is not None:
+            pre = pre + self.b_in
+        s = self.expert_size
+        return self.act(pre[..., :s]) * pre[..., s:] if self.gated else self.act(pre)
+
     def expert_activation(self, x: Tensor, expert: int) -> Tensor:
         """a_E(x) for one expert: (T, D) -> (T, S)."""
         pre = x @ self.w_in[expert].t()
