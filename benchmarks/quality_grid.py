@@ -58,9 +58,23 @@ def _static_k(model, budget: float) -> int:
     return k
 
 
+class _Rows(list):
+    """Rows that call `on_row` (e.g. write partial results) after every append."""
+
+    def __init__(self, on_row) -> None:
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(list(self))
+
+
 def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: list[float], eval_sequences: int,
-             calibration_sequences: int, cats: bool = True) -> dict:
-    rows: list[dict] = []
+             calibration_sequences: int, cats: bool = True, on_row=None) -> dict:
+    """The grid's rows; `on_row(rows)` is called after each one (the caller saves partial results)."""
+    rows: list[dict] = _Rows(on_row)
     dense = load_model(name)
     reference = dense if not dense.is_causal else None
     base = {"model": name}
@@ -169,7 +183,7 @@ def main() -> None:
     p.add_argument("--shared", type=float, nargs="+", default=None, help="shared fraction per expert count")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--eval-sequences", type=int, default=40)
-    p.add_argument("--calibration-sequences", type=int, default=64)
+    p.add_argument("--calibration-sequences", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-cats", action="store_true", help="skip the CATS-style baseline rows")
     p.add_argument("--out", required=True)
@@ -178,11 +192,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shared = args.shared or [0.0] * len(args.experts)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[dict], complete: bool = False) -> None:
+        result = {"model": args.model, "eval_sequences": args.eval_sequences,
+                  "calibration_sequences": args.calibration_sequences, "complete": complete, "rows": rows}
+        for path, text in ((out, json.dumps(result, indent=2)), (out.with_suffix(".md"), markdown(result) + "\n")):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+
     result = run_grid(args.model, args.experts, shared, args.budgets, args.eval_sequences, args.calibration_sequences,
-                      cats=not args.no_cats)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    Path(args.out).with_suffix(".md").write_text(markdown(result) + "\n")
+                      cats=not args.no_cats, on_row=save)
+    save(result["rows"], complete=True)
     print(markdown(result))
 
 

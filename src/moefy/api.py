@@ -131,7 +131,7 @@ def convert_model(
     top_k: int | None = None,
     budget: float | None = None,
     calibration_text: list[str] | None = None,
-    calibration_sequences: int = 64,
+    calibration_sequences: int = 128,
     progress: bool = False,
     keep_calibration: bool = False,
     **options,
