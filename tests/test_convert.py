@@ -11,23 +11,11 @@ from moefy.convert import ConvertConfig, configure, convert, ffn_flops_fraction,
 from moefy.errors import CalibrationError, CheckpointError, InvalidArgumentError, MoefyError
 from moefy.ffn import extract_ffn
 from moefy.flops import FFNShape, dense_ffn_flops, k_for_budget, moe_ffn_flops
-from moefy.models import LoadedModel
-from moefy.specs import find_blocks, resolve_spec
-from moefy.text import TokenBatch
-from tests.tiny_models import model_output, tiny_inputs, tiny_model
+from moefy.specs import find_blocks
+from tests.analysis_fixtures import loaded_tiny, random_batches
+from tests.tiny_models import model_output, tiny_inputs
 
 FAMILIES = ["llama", "bert", "gpt2", "phi3", "opt", "bloom", "gemma2"]
-
-
-def _loaded(model_type: str, seed: int = 0) -> LoadedModel:
-    model = tiny_model(model_type, seed=seed)
-    return LoadedModel(model=model, tokenizer=None, spec=resolve_spec(model), name=f"tiny-{model_type}", source="")
-
-
-def _calibration(n_seq: int = 32, seq_len: int = 48, seed: int = 1) -> list[TokenBatch]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (n_seq, seq_len), generator=g)
-    return TokenBatch(ids, torch.ones_like(ids), "random").chunks(8)
 
 
 def _config(**kw) -> ConvertConfig:
@@ -38,10 +26,10 @@ def _config(**kw) -> ConvertConfig:
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_all_experts_reproduce_dense(model_type: str) -> None:
-    loaded = _loaded(model_type)
+    loaded = loaded_tiny(model_type)
     inputs = tiny_inputs(loaded.model)
     dense = model_output(loaded.model, inputs)
-    convert(loaded, _calibration(), _config(top_k=8, method="kmeans"))
+    convert(loaded, random_batches(32, 48), _config(top_k=8, method="kmeans"))
     assert len(moe_layers(loaded.model)) == len(find_blocks(loaded.model, loaded.spec))
     torch.testing.assert_close(model_output(loaded.model, inputs), dense, rtol=1e-4, atol=1e-5)
     configure(loaded.model, top_k=2, selection="all")  # 'all' ignores k
@@ -52,11 +40,11 @@ def test_all_experts_reproduce_dense(model_type: str) -> None:
 @pytest.mark.parametrize("representatives", ["mean", "zero"])
 def test_unselected_experts_contribute_their_representative(method: str, representatives: str) -> None:
     """MoE output == dense FFN with every unselected neuron's activation replaced by r_j."""
-    loaded = _loaded("llama")
+    loaded = loaded_tiny("llama")
     block = find_blocks(loaded.model, loaded.spec)[0][1]
     ffn = extract_ffn(block, loaded.spec)
     ffn = type(ffn)(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in ffn.__dict__.items()})
-    convert(loaded, _calibration(), _config(method=method, representatives=representatives, selection="oracle", shared_fraction=0.25))
+    convert(loaded, random_batches(32, 48), _config(method=method, representatives=representatives, selection="oracle", shared_fraction=0.25))
     moe = moe_layers(loaded.model)[0]
     x = torch.randn(10, moe.d_model)
     idx = moe.select(x)  # (T, K)
@@ -85,8 +73,8 @@ def _recover_perm(ffn, moe) -> torch.Tensor:
 
 
 def test_oracle_selects_largest_residual_norms() -> None:
-    loaded = _loaded("llama")
-    convert(loaded, _calibration(), _config(selection="oracle"))
+    loaded = loaded_tiny("llama")
+    convert(loaded, random_batches(32, 48), _config(selection="oracle"))
     moe = moe_layers(loaded.model)[0]
     x = torch.randn(6, moe.d_model)
     w = moe.expert_weights
@@ -100,8 +88,8 @@ def test_oracle_selects_largest_residual_norms() -> None:
 
 
 def test_dynamic_k_keeps_fewer_experts() -> None:
-    loaded = _loaded("llama")
-    convert(loaded, _calibration(), _config(selection="oracle", top_k=6))
+    loaded = loaded_tiny("llama")
+    convert(loaded, random_batches(32, 48), _config(selection="oracle", top_k=6))
     moe = moe_layers(loaded.model)[0]
     x = torch.randn(32, moe.d_model)
     moe.configure(tau=1.0)
@@ -115,15 +103,15 @@ def test_dynamic_k_keeps_fewer_experts() -> None:
 
 
 def test_router_conversion_and_roundtrip(tmp_path) -> None:
-    loaded = _loaded("llama")
-    result = convert(loaded, _calibration(), _config(selection="router", shared_fraction=0.25))
+    loaded = loaded_tiny("llama")
+    result = convert(loaded, random_batches(32, 48), _config(selection="router", shared_fraction=0.25))
     assert all(0.0 <= r.router_recall <= 1.0 for r in result.layers)
     inputs = tiny_inputs(loaded.model)
     converted_out = model_output(loaded.model, inputs)
     out = save_converted(result, tmp_path / "ckpt")
     assert sorted(p.name for p in out.iterdir()) == ["moe.safetensors", "moefy.json"]
     assert not list(tmp_path.glob(".ckpt*"))  # no temporary folders left behind
-    fresh = _loaded("llama")
+    fresh = loaded_tiny("llama")
     reloaded = load_converted(out, base=fresh)
     torch.testing.assert_close(model_output(reloaded.model, inputs), converted_out)
     assert reloaded.config == result.config
@@ -131,16 +119,16 @@ def test_router_conversion_and_roundtrip(tmp_path) -> None:
         save_converted(result, out)
     save_converted(result, out, overwrite=True)
     with pytest.raises(CheckpointError, match="differs"):
-        load_converted(out, base=_loaded("llama", seed=5))
+        load_converted(out, base=loaded_tiny("llama", seed=5))
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
-    loaded = _loaded("llama")
-    result = convert(loaded, _calibration(), _config(selection="oracle"))
+    loaded = loaded_tiny("llama")
+    result = convert(loaded, random_batches(32, 48), _config(selection="oracle"))
     out = save_converted(result, tmp_path / "ckpt")
     (out / "moe.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="cannot read"):
-        load_converted(out, base=_loaded("llama"))
+        load_converted(out, base=loaded_tiny("llama"))
 
 
 @pytest.mark.parametrize(
@@ -157,20 +145,20 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
 )
 def test_bad_config_is_a_clear_error(kwargs: dict, match: str) -> None:
     with pytest.raises(InvalidArgumentError, match=match):
-        convert(_loaded("llama"), _calibration(), _config(**kwargs))
+        convert(loaded_tiny("llama"), random_batches(32, 48), _config(**kwargs))
 
 
 def test_too_few_calibration_tokens_says_how_many() -> None:
     with pytest.raises(CalibrationError, match=r"got 96, need at least 1024"):
-        convert(_loaded("llama"), _calibration(n_seq=2), _config())
+        convert(loaded_tiny("llama"), random_batches(n_seq=2, seq_len=48), _config())
 
 
 def test_nan_activation_names_the_layer() -> None:
-    loaded = _loaded("llama")
+    loaded = loaded_tiny("llama")
     with torch.no_grad():
         find_blocks(loaded.model, loaded.spec)[1][1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(CalibrationError, match=r"layers\.1"):
-        convert(loaded, _calibration(), _config())
+        convert(loaded, random_batches(32, 48), _config())
 
 
 def test_flops_hand_computed() -> None:
@@ -187,8 +175,8 @@ def test_flops_hand_computed() -> None:
 
 
 def test_flops_fraction_counts_router_and_measured_k() -> None:
-    loaded = _loaded("llama")
-    convert(loaded, _calibration(), _config(selection="router"))
+    loaded = loaded_tiny("llama")
+    convert(loaded, random_batches(32, 48), _config(selection="router"))
     fraction_half = ffn_flops_fraction(loaded.model, measured=False)
     configure(loaded.model, top_k=8)
     assert ffn_flops_fraction(loaded.model, measured=False) > 1.0  # router + adds on top of dense

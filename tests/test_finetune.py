@@ -15,23 +15,10 @@ from moefy.convert import ConvertConfig, ConvertedModel, configure, convert, moe
 from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.finetune import finetune_routers, load_imbalance, next_token_loss
 from moefy.kernels import KERNELS, reference_expert_ffn
-from moefy.models import LoadedModel
-from moefy.specs import resolve_spec
-from moefy.text import TokenBatch
-from tests.tiny_models import model_output, tiny_inputs, tiny_model
+from tests.analysis_fixtures import loaded_tiny, random_batches
+from tests.tiny_models import model_output, tiny_inputs
 
 KERNEL = "auto" if "auto" in KERNELS else "reference"
-
-
-def _loaded(model_type: str = "llama", seed: int = 0) -> LoadedModel:
-    model = tiny_model(model_type, seed=seed)
-    return LoadedModel(model=model, tokenizer=None, spec=resolve_spec(model), name=f"tiny-{model_type}", source="")
-
-
-def _batches(n_seq: int = 16, seq_len: int = 32, seed: int = 1) -> list[TokenBatch]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (n_seq, seq_len), generator=g)
-    return TokenBatch(ids, torch.ones_like(ids), "random").chunks(8)
 
 
 def _converted(model_type: str = "llama", **kw) -> ConvertedModel:
@@ -40,7 +27,7 @@ def _converted(model_type: str = "llama", **kw) -> ConvertedModel:
         sequential=False, shared_fraction=0.25,
     )
     base.update(kw)
-    converted = convert(_loaded(model_type), _batches(32, 48), ConvertConfig(**base))
+    converted = convert(loaded_tiny(model_type), random_batches(32, 48), ConvertConfig(**base))
     converted.model.zero_grad(set_to_none=True)  # router fitting leaves its last gradients behind
     return converted
 
@@ -99,7 +86,7 @@ def test_only_routers_change_and_state_is_restored() -> None:
     frozen = _frozen_state(converted)
     routers = {k: v.clone() for k, v in model.state_dict().items() if ".router." in k}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    report = finetune_routers(converted, _batches(), steps=4, lr=1e-2, balance_weight=0.1, z_weight=1e-3, batch_size=4)
+    report = finetune_routers(converted, random_batches(), steps=4, lr=1e-2, balance_weight=0.1, z_weight=1e-3, batch_size=4)
     after = model.state_dict()
     for k, v in frozen.items():
         torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=f"{k} changed")
@@ -118,7 +105,7 @@ def test_representatives_train_and_static_vectors_follow() -> None:
     converted = _converted()
     model = converted.model
     reps = [m.representatives.detach().clone() for m in moe_layers(model)]
-    finetune_routers(converted, _batches(), steps=3, lr=1e-2, train_representatives=True, batch_size=8)
+    finetune_routers(converted, random_batches(), steps=3, lr=1e-2, train_representatives=True, batch_size=8)
     for m, r in zip(moe_layers(model), reps, strict=True):
         assert not torch.equal(m.representatives, r)
         assert not m.representatives.requires_grad
@@ -128,7 +115,7 @@ def test_representatives_train_and_static_vectors_follow() -> None:
 
 def test_balance_loss_decreases() -> None:
     converted = _converted(shared_fraction=0.0, top_k=2)
-    batch = _batches(8, 32)
+    batch = random_batches(8, 32)
     report = finetune_routers(converted, batch, steps=25, lr=3e-2, balance_weight=1.0, batch_size=8)
     assert report.balance_loss[-1] < report.balance_loss[0] - 0.02
     before = sum(x.cv_squared for x in report.load_before)
@@ -160,7 +147,7 @@ def test_load_imbalance_and_loss_hand_computed() -> None:
 def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
     converted = _converted()
     with pytest.raises(InvalidArgumentError, match=match):
-        finetune_routers(converted, _batches(), **kwargs)
+        finetune_routers(converted, random_batches(), **kwargs)
 
 
 def test_nothing_to_finetune_raises() -> None:
@@ -169,10 +156,10 @@ def test_nothing_to_finetune_raises() -> None:
         finetune_routers(converted, [], steps=1)
     configure(converted.model, selection="oracle")
     with pytest.raises(InvalidArgumentError, match="no router-selected"):
-        finetune_routers(converted, _batches(), steps=1)
+        finetune_routers(converted, random_batches(), steps=1)
     encoder = _converted("bert")
     with pytest.raises(InvalidArgumentError, match="causal LM"):
-        finetune_routers(encoder, _batches(), steps=1)
+        finetune_routers(encoder, random_batches(), steps=1)
 
 
 def _run_cli(argv: list[str]) -> int:
@@ -188,8 +175,8 @@ def test_cli_finetune_saves_a_checkpoint(tmp_path, monkeypatch, capsys) -> None:
 
     converted = _converted()
     ckpt = save_converted(converted, tmp_path / "ckpt")
-    monkeypatch.setattr("moefy.checkpoint.load_model", lambda name: _loaded())
-    monkeypatch.setattr("moefy.api.calibration_batches", lambda loaded, files, n: _batches(n))
+    monkeypatch.setattr("moefy.checkpoint.load_model", lambda name: loaded_tiny("llama"))
+    monkeypatch.setattr("moefy.api.calibration_batches", lambda loaded, files, n: random_batches(n))
     out = tmp_path / "tuned"
     argv = ["finetune", str(ckpt), "--out", str(out), "--steps", "2", "--calibration-sequences", "4", "--batch-size", "2"]
     assert _run_cli(argv) == 0
