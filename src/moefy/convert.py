@@ -72,7 +72,8 @@ class ConvertConfig:
         shared = round(self.shared_fraction * self.num_experts)
         if shared >= self.top_k and self.top_k < self.num_experts:
             raise InvalidArgumentError(
-                f"shared_fraction={self.shared_fraction} makes {shared} shared experts, not fewer than --top-k {self.top_k}"
+                f"shared_fraction={self.shared_fraction} makes {shared} shared experts, not fewer than --top-k {self.top_k}; "
+                "lower --shared (0 for none) or raise --top-k"
             )
         if self.tau is not None and not 0 < self.tau <= 1:
             raise InvalidArgumentError(f"--tau {self.tau} must be in (0, 1]")
