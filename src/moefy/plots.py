@@ -43,6 +43,16 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+def _decorate(ax, xlabel: str, ylabel: str, title: str, *, grid: str | None = "both") -> None:
+    """Axis labels, a title, a legend and a light grid (`grid`: its axis, or None for none)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    if grid is not None:
+        ax.grid(alpha=0.3, axis=grid)
+
+
 def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -163,18 +173,11 @@ def fig_expert_load(d: RoutingDiagnostics) -> Figure:
     ax_hist.hist(rel.reshape(-1).tolist(), bins=50, color="C0")
     ax_hist.axvline(1.0, color="k", linestyle=":", label="balanced (1×)")
     ax_hist.axvline(d.overload_factor, color="C3", linestyle="--", label=f"overloaded (> {d.overload_factor:g}×)")
-    ax_hist.set_xlabel("load / mean load")
-    ax_hist.set_ylabel("experts (all layers)")
-    ax_hist.set_title(f"load distribution ({d.tokens} tokens per layer)", fontsize=10)
-    ax_hist.legend(fontsize=8)
+    _decorate(ax_hist, "load / mean load", "experts (all layers)", f"load distribution ({d.tokens} tokens per layer)", grid=None)
     layers = list(range(len(d.layer_names)))
     ax_bar.bar([i - 0.2 for i in layers], d.dead.tolist(), width=0.4, label="dead (never selected)", color="C7")
     ax_bar.bar([i + 0.2 for i in layers], d.overloaded.tolist(), width=0.4, label=f"overloaded (> {d.overload_factor:g}×)", color="C3")
-    ax_bar.set_xlabel("layer")
-    ax_bar.set_ylabel(f"experts (of {d.num_experts})")
-    ax_bar.set_title("dead and overloaded experts", fontsize=10)
-    ax_bar.legend(fontsize=8)
-    ax_bar.grid(alpha=0.3, axis="y")
+    _decorate(ax_bar, "layer", f"experts (of {d.num_experts})", "dead and overloaded experts", grid="y")
     fig.suptitle(f"{d.model}: expert load, {d.selection} selection, k = {d.top_k} of {d.num_experts}", fontsize=11)
     return fig
 
@@ -188,18 +191,10 @@ def fig_routing_quality(d: RoutingDiagnostics) -> Figure:
     ax_a.plot(layers, (100 * d.mass_captured).tolist(), marker="s", label="residual mass captured (selection)")
     ax_a.plot(layers, (100 * d.oracle_mass_captured).tolist(), marker="^", linestyle="--", label="residual mass captured (oracle)")
     ax_a.set_ylim(0, 102)
-    ax_a.set_xlabel("layer")
-    ax_a.set_ylabel("%")
-    ax_a.set_title("router vs oracle", fontsize=10)
-    ax_a.legend(fontsize=8)
-    ax_a.grid(alpha=0.3)
+    _decorate(ax_a, "layer", "%", "router vs oracle")
     ax_b.plot(layers, (100 * d.relative_error).tolist(), marker="o", label=f"{d.selection} selection")
     ax_b.plot(layers, (100 * d.oracle_relative_error).tolist(), marker="^", linestyle="--", label="oracle top-k")
-    ax_b.set_xlabel("layer")
-    ax_b.set_ylabel("‖ŷ − y‖ / ‖y‖ of the FFN output (%)")
-    ax_b.set_title("relative FFN output error on held-out tokens", fontsize=10)
-    ax_b.legend(fontsize=8)
-    ax_b.grid(alpha=0.3)
+    _decorate(ax_b, "layer", "‖ŷ − y‖ / ‖y‖ of the FFN output (%)", "relative FFN output error on held-out tokens")
     fig.suptitle(f"{d.model}: routing quality ({d.tokens} tokens per layer)", fontsize=11)
     return fig
 
@@ -297,11 +292,7 @@ def fig_cost(c: CostBreakdown) -> Figure:
         (0.27, c.moe_static, "MoE with static embeddings", "C2"),
     ]:
         ax_l.bar([i + off for i in layers], [v * mega for v in values], width=0.27, label=label, color=col)
-    ax_l.set_xlabel("layer")
-    ax_l.set_ylabel("FFN MFLOPs per token")
-    ax_l.set_title("per layer (router included in MoE)", fontsize=10)
-    ax_l.legend(fontsize=8)
-    ax_l.grid(alpha=0.3, axis="y")
+    _decorate(ax_l, "layer", "FFN MFLOPs per token", "per layer (router included in MoE)", grid="y")
     t = c.totals
     names = ["dense", "MoE, no static", "MoE, static"]
     vals = [t["dense"], t["moe_no_static"], t["moe_static"]]
@@ -320,11 +311,7 @@ def fig_cost(c: CostBreakdown) -> Figure:
     ax_k.axhline(100, color="k", linestyle=":", label="dense")
     k0 = c.k[0] / c.num_experts[0]
     ax_k.axvline(100 * k0, color="C0", linestyle="--", label=f"this model (k = {c.k[0]:.3g} of {c.num_experts[0]})")
-    ax_k.set_xlabel("experts computed, k / n (%)")
-    ax_k.set_ylabel("FFN FLOPs (% of dense, one layer)")
-    ax_k.set_title("cost against k", fontsize=10)
-    ax_k.legend(fontsize=8)
-    ax_k.grid(alpha=0.3)
+    _decorate(ax_k, "experts computed, k / n (%)", "FFN FLOPs (% of dense, one layer)", "cost against k")
     fig.suptitle(f"{c.model}: FFN cost, dense vs MoE (multiply-add = 2 FLOPs)", fontsize=11)
     return fig
 
