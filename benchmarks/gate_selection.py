@@ -21,9 +21,27 @@ import torch
 from torch import Tensor, nn
 
 from moefy.api import calibration_batches, evaluate_model
-from moefy.ffn import extract_ffn
+from moefy.ffn import FFNWeights, extract_ffn
 from moefy.models import load_model
 from moefy.specs import find_blocks
+
+
+def fit_gate_estimate(ffn: FFNWeights, x: Tensor) -> dict[str, Tensor]:
+    """Per-neuron fit on FFN inputs x (N, d): u ≈ α + β·gate and its residual variance, the mean
+    activation r and ‖W_down[:, j]‖²."""
+    g, u = x @ ffn.w_gate.t(), x @ ffn.w_up.t()
+    gm, um = g.mean(0), u.mean(0)
+    beta = ((g - gm) * (u - um)).mean(0) / (g - gm).var(0).clamp_min(1e-12)
+    alpha = um - beta * gm
+    return {
+        "mean": (ffn.act(g) * u).mean(0), "alpha": alpha, "beta": beta,
+        "resid_var": ((u - alpha - beta * g) ** 2).mean(0), "w2": (ffn.w_down**2).sum(0),
+    }
+
+
+def gate_estimate_score(est: dict[str, Tensor], g: Tensor, act_g: Tensor) -> Tensor:
+    """‖W_down[:, j]‖² · E[(a_j − r_j)² | gate_j] for gate pre-activations g and act(g)."""
+    return est["w2"] * ((act_g * (est["alpha"] + est["beta"] * g) - est["mean"]) ** 2 + act_g**2 * est["resid_var"])
 
 
 def fit_estimates(loaded, sequences: int) -> list[dict[str, Tensor]]:
@@ -44,15 +62,7 @@ def fit_estimates(loaded, sequences: int) -> list[dict[str, Tensor]]:
     out = []
     for i, (_, block) in enumerate(blocks):
         ffn = extract_ffn(block, loaded.spec)
-        x = torch.cat(xs.pop(i))
-        g, u = x @ ffn.w_gate.t(), x @ ffn.w_up.t()
-        gm, um = g.mean(0), u.mean(0)
-        beta = ((g - gm) * (u - um)).mean(0) / (g - gm).var(0).clamp_min(1e-12)
-        alpha = um - beta * gm
-        out.append({
-            "mean": (ffn.act(g) * u).mean(0), "alpha": alpha, "beta": beta,
-            "resid_var": ((u - alpha - beta * g) ** 2).mean(0), "w2": (ffn.w_down**2).sum(0),
-        })
+        out.append(fit_gate_estimate(ffn, torch.cat(xs.pop(i))))
     return out
 
 
@@ -64,8 +74,7 @@ def masked_forward(est: dict[str, Tensor], keep: float, score: str):
         if score == "absg":
             s, r = act_g.abs(), torch.zeros_like(est["mean"])
         else:
-            r = est["mean"]
-            s = est["w2"] * ((act_g * (est["alpha"] + est["beta"] * g) - r) ** 2 + act_g**2 * est["resid_var"])
+            s, r = gate_estimate_score(est, g, act_g), est["mean"]
         k = int(keep * s.shape[-1])
         mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, torch.topk(s, k, -1).indices, True)
         return self.down_proj(torch.where(mask, a, r))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from gate_selection import fit_gate_estimate, gate_estimate_score  # a sibling script
 from torch import Tensor
 
 from moefy.api import calibration_batches
@@ -42,7 +43,10 @@ log = logging.getLogger("router_levers")
 def relative_error(experts: ExpertWeights, reps: Tensor, x: Tensor, mask: Tensor, y: Tensor) -> float:
     """‖ŷ − y‖² / ‖y − ȳ‖², ŷ: selected experts exact, the others at their representatives."""
     a = experts.all_activations(x)
-    y_hat = torch.einsum("tes,esd->td", torch.where(mask[..., None], a, reps), experts.w_out)
+    return _relative(torch.einsum("tes,esd->td", torch.where(mask[..., None], a, reps), experts.w_out), y)
+
+
+def _relative(y_hat: Tensor, y: Tensor) -> float:
     return float(((y_hat - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
 
@@ -89,21 +93,15 @@ def expert_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, a: Tensor, mean: Tensor
     return rows
 
 
-def gate_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, a: Tensor, mean: Tensor, y: Tensor, budgets: list[float]) -> list[dict]:
+def gate_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, y: Tensor, budgets: list[float]) -> list[dict]:
     """Neuron-level selection from the exact gate (gated FFNs; gate + kept up/down rows = budget)."""
-    gc, uc = xc @ ffn.w_gate.t(), xc @ ffn.w_up.t()
-    gm, um = gc.mean(0), uc.mean(0)
-    beta = ((gc - gm) * (uc - um)).mean(0) / (gc - gm).var(0).clamp_min(1e-12)
-    alpha = um - beta * gm
-    resid_var = ((uc - alpha - beta * gc) ** 2).mean(0)
-    w2 = (ffn.w_down**2).sum(0)  # (h,) ‖W_down[:, j]‖²
+    est = fit_gate_estimate(ffn, xc)
     ge = xe @ ffn.w_gate.t()
     act_g = ffn.act(ge)
     ae = act_g * (xe @ ffn.w_up.t())
-    zero = torch.zeros_like(mean)
     scores = {
-        "CATS: largest act(gate) magnitudes, zero r": (act_g.abs(), zero),
-        "gate estimate, mean r": (w2 * ((act_g * (alpha + beta * ge) - mean) ** 2 + act_g**2 * resid_var), mean),
+        "CATS: largest act(gate) magnitudes, zero r": (act_g.abs(), torch.zeros_like(est["mean"])),
+        "gate estimate, mean r": (gate_estimate_score(est, ge, act_g), est["mean"]),
     }
     rows = []
     for budget in budgets:
@@ -113,8 +111,7 @@ def gate_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, a: Tensor, mean: Tensor, 
         k = int(keep * ffn.d_ff)
         for name, (s, r) in scores.items():
             m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.topk(s, k, 1).indices, True)
-            y_hat = torch.where(m, ae, r) @ ffn.w_down.t()
-            err = float(((y_hat - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+            err = _relative(torch.where(m, ae, r) @ ffn.w_down.t(), y)
             rows.append({"lever": "neuron-level gate", "setting": name, "budget": budget, "top_k": k, "router_error": err})
     return rows
 
@@ -199,7 +196,7 @@ def main() -> None:
                     rows.append({"lever": lever, "layer": li, **r})
                     log.info("%s", rows[-1])
             if ffn.gated:
-                for r in gate_rows(ffn, xc, xe, a, mean, y, args.budgets):
+                for r in gate_rows(ffn, xc, xe, y, args.budgets):
                     rows.append({"layer": li, **r})
                     log.info("%s", rows[-1])
     result = {"model": args.model, "layers": args.layers, "calibration_tokens": int(cal[args.layers[0]].shape[0]),
