@@ -44,7 +44,6 @@ class NeuronStats:
     total_abs: Tensor = field(default=None)  # type: ignore[assignment]  # (h,) Σ |a|
     exact_zero: Tensor = field(default=None)  # type: ignore[assignment]  # (h,) #(a == 0)
     near_zero: Tensor = field(default=None)  # type: ignore[assignment]  # (len(eps), h) #(|a| <= eps)
-    gram: Tensor = field(default=None)  # type: ignore[assignment]  # (h, h) Σ aᵀa (co-activation sketch)
 
     def __post_init__(self) -> None:
         if any(e <= 0 for e in self.eps):
@@ -56,7 +55,6 @@ class NeuronStats:
         self.total_abs = z(h) if self.total_abs is None else self.total_abs
         self.exact_zero = z(h) if self.exact_zero is None else self.exact_zero
         self.near_zero = z(len(self.eps), h) if self.near_zero is None else self.near_zero
-        self.gram = z(h, h) if self.gram is None else self.gram
 
     def update(self, a: Tensor) -> None:
         """Fold a batch of activations (T, h) in."""
@@ -69,7 +67,6 @@ class NeuronStats:
         self.exact_zero += (a == 0).sum(0)
         for i, e in enumerate(self.eps):
             self.near_zero[i] += (abs_a <= e).sum(0)
-        self.gram += a.t() @ a
 
     def merge(self, other: NeuronStats) -> NeuronStats:
         if other.d_ff != self.d_ff or other.eps != self.eps:
@@ -78,7 +75,7 @@ class NeuronStats:
             d_ff=self.d_ff, eps=self.eps, count=self.count + other.count,
             total=self.total + other.total, total_sq=self.total_sq + other.total_sq,
             total_abs=self.total_abs + other.total_abs, exact_zero=self.exact_zero + other.exact_zero,
-            near_zero=self.near_zero + other.near_zero, gram=self.gram + other.gram,
+            near_zero=self.near_zero + other.near_zero,
         )
 
     @property
@@ -90,11 +87,6 @@ class NeuronStats:
         m = self.total / max(self.count, 1)
         return (self.total_sq / max(self.count, 1) - m * m).clamp_min(0).float()
 
-    @property
-    def covariance(self) -> Tensor:  # (h, h) of the centred activations a - r
-        m = self.total / max(self.count, 1)
-        return (self.gram / max(self.count, 1) - torch.outer(m, m)).float()
-
     def exact_sparsity(self) -> Tensor:  # (h,) fraction of tokens with a == 0
         return (self.exact_zero / max(self.count, 1)).float()
 
@@ -105,7 +97,7 @@ class NeuronStats:
         return {
             "count": torch.tensor(self.count), "eps": torch.tensor(self.eps), "total": self.total,
             "total_sq": self.total_sq, "total_abs": self.total_abs, "exact_zero": self.exact_zero,
-            "near_zero": self.near_zero, "gram": self.gram,
+            "near_zero": self.near_zero,
         }
 
     @classmethod
@@ -113,7 +105,7 @@ class NeuronStats:
         return cls(
             d_ff=sd["total"].shape[0], eps=tuple(float(e) for e in sd["eps"]), count=int(sd["count"]),
             total=sd["total"], total_sq=sd["total_sq"], total_abs=sd["total_abs"],
-            exact_zero=sd["exact_zero"], near_zero=sd["near_zero"], gram=sd["gram"],
+            exact_zero=sd["exact_zero"], near_zero=sd["near_zero"],
         )
 
 
