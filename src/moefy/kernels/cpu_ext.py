@@ -2,9 +2,9 @@
 
 The source ships with the package and is compiled with the machine's own compiler through
 `torch.utils.cpp_extension` (needs `ninja` and a C++ compiler), tuned for the host CPU
-(`-march=native`), into a per-machine cache folder: `$MOEFY_CACHE_DIR` or
-`$XDG_CACHE_HOME/moefy` (default `~/.cache/moefy`). Later processes load the cached library in
-milliseconds. If the build fails, `cpu_ops()` logs one warning and returns None, and callers use
+(`-march=native`), into the `kernels` folder of moefy's cache (`moefy.models.cache_dir()`:
+`$MOEFY_CACHE`, else `$XDG_CACHE_HOME/moefy`, else `~/.cache/moefy`). Later processes load the
+cached library in milliseconds. If the build fails, `cpu_ops()` logs one warning and returns None, and callers use
 their pure-torch paths; set `MOEFY_DISABLE_CPP=1` to skip the build on purpose.
 """
 
@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from moefy.models import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("expert_ffn_cpu.cpp")
@@ -37,13 +39,6 @@ _FLAG_SETS: tuple[tuple[str, ...], ...] = (
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded namespace or None once tried
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MOEFY_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moefy"
 
 
 def _cpu_fingerprint() -> str:
@@ -93,7 +88,7 @@ def _build_and_load() -> Any:
     last_error: Exception | None = None
     for flags in _FLAG_SETS:
         name = _build_name(flags)
-        build_dir = cache_dir() / "torch_extensions" / name
+        build_dir = cache_dir() / "kernels" / name
         build_dir.mkdir(parents=True, exist_ok=True)
         ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
         try:
