@@ -1,4 +1,5 @@
-"""General MoE layers: routers, losses, capacity, the MoE module, and the from-scratch demo (smoke)."""
+"""General MoE layers: routers, losses, capacity, the MoE module, and the from-scratch experiment
+(`benchmarks/train_from_scratch.py`, smoke)."""
 
 from __future__ import annotations
 
@@ -364,11 +365,11 @@ def test_bad_arguments_raise_clear_errors() -> None:
         MoE(router=TopKRouter(D, 3, 1), experts=Experts(4, D, 8))
 
 
-# --- the from-scratch demo, tiny ----------------------------------------------------------------
+# --- the from-scratch experiment (benchmarks/train_from_scratch.py), tiny -------------------------
 
 
 def test_demo_trains_every_scheme(tmp_path) -> None:
-    from moefy.layers.demo import DEFAULT_SCHEMES, DemoConfig, plot_results, run_demo
+    from benchmarks.train_from_scratch import DEFAULT_SCHEMES, DemoConfig, plot_results, run_demo
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
     cfg = DemoConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, d_ff=128, batch_size=4, steps=4, eval_every=2,
