@@ -1,6 +1,6 @@
 """moefy's view of one dense FFN: its weights in one canonical layout, and model surgery on it.
 
-Canonical layout (row vector x of width d, intermediate width h; DESIGN.md):
+Canonical layout (row vector x of width d, intermediate width h; docs/DESIGN.md):
 
     plain:  a = act(x W_upᵀ + b_up)                          y = a W_downᵀ + b_down
     gated:  a = act(x W_gateᵀ + b_gate) ⊙ (x W_upᵀ + b_up)    y = a W_downᵀ + b_down

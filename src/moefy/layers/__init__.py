@@ -1,4 +1,4 @@
-"""General MoE layers (DESIGN.md, "General MoE layers"; seeds 001 and 002): routers, balance and
+"""General MoE layers (docs/DESIGN.md, "General MoE layers"; seeds 001 and 002): routers, balance and
 z-losses, expert capacity, and one MoE module composed from injected parts, running on the expert
 kernels of `moefy.kernels`.
 

@@ -5,7 +5,7 @@ Dimension legend: T tokens, D model width, E experts, K selected slots per token
 The MoE layers run on the expert kernels of `moefy.kernels` (the same ones converted models use),
 looked up by `resolve_kernel`: a kernel named by the caller, else the registry's fast `auto` kernel
 when it is registered, else `grouped_expert_ffn` below — an eager, autograd-friendly path that groups
-tokens by expert and does one matmul per expert (DESIGN.md, "many tokens"), so that training works
+tokens by expert and does one matmul per expert (docs/DESIGN.md, "many tokens"), so that training works
 without the fast kernels. The registry's `reference` kernel (one token at a time) is the oracle it is
 tested against; it is far too slow to train with.
 """
