@@ -1,9 +1,10 @@
-"""The Python API in a few calls: load, evaluate, convert, save — what the CLI uses.
+"""The Python API in a few calls — what the CLI uses.
 
-    import moefy.api as moefy
-    dense = moefy.load_any("smollm2-135m")
-    converted = moefy.convert_model("smollm2-135m", num_experts=128, budget=0.75)
-    moefy.evaluate_model(converted)
+    import moefy
+    moe = moefy.convert("smollm2-135m", moefy.ConvertConfig(budget=0.5))   # search + apply
+    moefy.evaluate_model(moe)                                               # perplexity per split, FLOPs
+    moe.configure(top_k=96); moe.save("runs/smol-moe")
+    again = moefy.load("runs/smol-moe")                                     # base + plan, verified
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.checkpoint import is_converted_checkpoint, load_converted, save_converted
-from moefy.convert import ConvertConfig, ConvertedModel, configure, convert, ffn_flops_fraction, moe_layers
-from moefy.errors import InvalidArgumentError
+from moefy.convert import apply, ffn_flops_fraction, ffn_shape, moe_layers, search
 from moefy.evaluate import (
     embedding_fidelity,
     paired_texts,
@@ -23,24 +22,34 @@ from moefy.evaluate import (
     retrieval_accuracy,
     sentence_embeddings,
 )
-from moefy.flops import FFNShape, dense_ffn_flops, k_for_budget, moe_ffn_flops
+from moefy.ffn import extract_ffn
+from moefy.flops import dense_ffn_flops, moe_ffn_flops
 from moefy.models import LoadedModel, load_model
+from moefy.moe_model import MoEModel
+from moefy.plan import is_plan_folder
+from moefy.routers import router_flops_per_token
+from moefy.settings import ConvertConfig, RuntimeConfig
+from moefy.specs import find_blocks
 from moefy.text import TokenBatch, bundled_text, read_text_file, split_batches, tokenize_text
 
 log = logging.getLogger(__name__)
 
-Target = LoadedModel | ConvertedModel
+Target = LoadedModel | MoEModel
 
 
-def load_any(name: str) -> Target:
-    """A dense model (bundled name, folder, HF id) or a converted checkpoint folder."""
-    if Path(name).is_dir() and is_converted_checkpoint(name):
-        return load_converted(name)
+def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None) -> Target:
+    """A converted folder (adapter or export) as an `MoEModel`, else a dense model (bundled name,
+    folder, HF id)."""
+    if Path(name).is_dir() and is_plan_folder(name):
+        return MoEModel.from_pretrained(name, base=base, runtime=runtime)
     return load_model(name)
 
 
+load_any = load
+
+
 def _loaded(target: Target) -> LoadedModel:
-    return target.loaded if isinstance(target, ConvertedModel) else target
+    return target.loaded if isinstance(target, MoEModel) else target
 
 
 def calibration_batches(loaded: LoadedModel, text_files: list[str] | None, sequences: int, seq_len: int = 256) -> list[TokenBatch]:
@@ -80,8 +89,8 @@ def evaluate_model(
             splits.append({"split": name, "tokens": batch.num_tokens, "perplexity": perplexity(model, batch, progress=progress)})
     else:
         ref = reference
-        if ref is None and isinstance(target, ConvertedModel):
-            ref = load_model(loaded.name)
+        if ref is None and isinstance(target, MoEModel):
+            ref = load_model(loaded.source)
         texts = {Path(f).name: read_text_file(f) for f in text_files} if text_files else {"english": bundled_text("english", "evaluation")}
         for name, text in texts.items():
             pairs = paired_texts(text, max_pairs=max_sequences * 5)
@@ -98,9 +107,9 @@ def evaluate_model(
                  "retrieval_accuracy": retrieval_accuracy(q, d)}
             )
     result: dict = {"model": loaded.name, "splits": splits}
-    if isinstance(target, ConvertedModel):
+    if isinstance(target, MoEModel):
         result["ffn_flops_fraction"] = ffn_flops_fraction(model)
-        result["config"] = target.config.to_json()
+        result["runtime"] = target.runtime.to_json()
     return result
 
 
@@ -124,83 +133,44 @@ def ffn_statistics(name: str, *, text_files: list[str] | None = None, max_sequen
     return rows
 
 
-def convert_model(
-    name: str | LoadedModel,
+def convert(
+    model: str | LoadedModel,
+    config: ConvertConfig | None = None,
     *,
-    num_experts: int = 128,
-    top_k: int | None = None,
-    budget: float | None = None,
     calibration_text: list[str] | None = None,
-    calibration_sequences: int = 128,
+    calibration: list[TokenBatch] | None = None,
+    runtime: RuntimeConfig | None = None,
     progress: bool = False,
-    keep_calibration: bool = False,
-    **options,
-) -> ConvertedModel:
-    """Load (if needed), calibrate and convert. Give `top_k` or an FFN FLOPs `budget`."""
-    loaded = load_model(name) if isinstance(name, str) else name
-    options = {k: v for k, v in options.items() if v is not None}
-    if top_k is None and budget is None:
-        budget = 0.75
-    if budget is not None and not 0 < budget <= 1:
-        raise InvalidArgumentError(f"--budget {budget} must be in (0, 1]")
-    config = ConvertConfig(num_experts=num_experts, top_k=top_k or num_experts, **options)
-    if budget is not None:
-        config.top_k = k_for_model_budget(loaded, config, budget)
-    batches = calibration_batches(loaded, calibration_text, calibration_sequences)
-    return convert(loaded, batches, config, progress=progress, keep_calibration=keep_calibration)
+) -> MoEModel:
+    """Load (if needed), search a plan on calibration text, apply it: the whole conversion.
+    `config` defaults to the recommended settings; `runtime` to the k the routers were trained for.
+    Calibration: `calibration` (tokenised batches), else the files `calibration_text`, else the
+    bundled English + code calibration text."""
+    config = config or ConvertConfig()
+    loaded = load_model(model) if isinstance(model, str) else model
+    batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
+    plan = search(loaded, batches, config, progress=progress)
+    apply(loaded, plan, runtime or RuntimeConfig())
+    return MoEModel(loaded=loaded, plan=plan)
 
 
-def k_for_model_budget(loaded: LoadedModel, config: ConvertConfig, budget: float) -> int:
-    """The top_k that keeps a dense model's FFNs, once converted with `config`, within an FFN
-    FLOPs budget (router included)."""
-    from moefy.ffn import extract_ffn
-    from moefy.routers import MLPRouter
-    from moefy.specs import find_blocks
+def flops_table(name: str, *, experts: int | None = None, top_k: int | None = None) -> list[dict]:
+    """Per-token FFN FLOPs (one layer) for each k: dense, MoE with and without static embeddings.
+    For a converted folder: its k; for a dense model: a range of k with `experts` (default: the
+    recommended config), router included."""
+    target = load(name)
+    if isinstance(target, MoEModel):
+        from moefy.convert import layer_shape
 
-    ffn = extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec)
-    shape = FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
-    shared = round(config.shared_fraction * config.num_experts)
-    router = 0
-    if config.selection == "router":
-        router = MLPRouter(ffn.d_model, config.num_experts - shared, config.router_hidden).flops_per_token()
-    return k_for_budget(shape, config.num_experts, budget, router, min_k=max(1, shared + 1))
-
-
-def convert_and_save(name: str, out: str, *, overwrite: bool = False, **kwargs) -> dict:
-    """Convert and save; returns a summary (time, k, FLOPs fraction, router recall)."""
-    if Path(out).exists() and not overwrite:
-        from moefy.errors import CheckpointError
-
-        raise CheckpointError(f"output folder {out!r} already exists; pass --overwrite to replace it")
-    converted = convert_model(name, **kwargs)
-    save_converted(converted, out, overwrite=overwrite)
-    recalls = [r.router_recall for r in converted.layers if r.router_recall is not None]
-    return {
-        "out": out, "seconds": round(converted.seconds, 1), "num_experts": converted.config.num_experts,
-        "top_k": converted.config.top_k, "ffn_flops_fraction": round(ffn_flops_fraction(converted.model, measured=False), 4),
-        "mean_router_recall": round(sum(recalls) / len(recalls), 4) if recalls else None,
-    }
-
-
-def flops_table(name: str, *, experts: int = 128, top_k: int | None = None) -> list[dict]:
-    """Per-token FFN FLOPs (one layer) for each k: dense, MoE with and without static embeddings."""
-    if Path(name).is_dir() and is_converted_checkpoint(name):
-        converted = load_converted(name)
-        m = moe_layers(converted.model)[0]
-        shape = FFNShape(m.d_model, m.num_experts * m.expert_size, m.gated, m.b_in is not None, m.b_out is not None)
-        experts, ks = m.num_experts, [m.top_k]
+        m = moe_layers(target.model)[0]
+        shape, experts, ks = layer_shape(m), m.num_experts, [top_k or m.top_k]
         router = m.router.flops_per_token() if m.router is not None else 0
     else:
-        from moefy.ffn import extract_ffn
-        from moefy.specs import find_blocks
-
-        loaded = load_model(name)
-        ffn = extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec)
-        shape = FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
+        defaults = ConvertConfig()
+        experts = experts or defaults.num_experts
+        shape = ffn_shape(extract_ffn(find_blocks(target.model, target.spec)[0][1], target.spec))
         ks = [top_k] if top_k else [max(1, experts * f // 8) for f in (1, 2, 4, 6, 7)]
-        from moefy.routers import MLPRouter
-
-        router = MLPRouter(shape.d_model, experts, ConvertConfig.router_hidden).flops_per_token()  # the default router
+        router = router_flops_per_token(shape.d_model, experts, defaults.router_hidden)
     dense = dense_ffn_flops(shape)
     rows = []
     for k in ks:
@@ -214,6 +184,6 @@ def flops_table(name: str, *, experts: int = 128, top_k: int | None = None) -> l
 
 
 __all__ = [
-    "load_any", "evaluate_model", "convert_model", "convert_and_save", "flops_table", "ffn_statistics",
-    "calibration_batches", "configure", "save_converted", "load_converted",
+    "ConvertConfig", "MoEModel", "RuntimeConfig", "calibration_batches", "convert", "evaluate_model",
+    "ffn_statistics", "flops_table", "load", "load_any",
 ]

@@ -1,141 +1,89 @@
-"""Generalized MoEfication of a whole model: search (calibrate, plan experts, representatives,
-routers), then apply (swap each FFN for an `MoEFFN`).
+"""Generalized MoEfication of a whole model, in two stages (docs/DESIGN.md):
 
-`convert()` reads as the pipeline of DESIGN.md. Conversion is block by block: with
-`sequential=True` (default) every block is converted before the next one is calibrated, so each
-router is trained on the inputs it will really see in the converted model.
+    search(loaded, calibration, config) -> ModelPlan   calibrate block by block, partition each FFN's
+                                                       neurons into experts, representatives, router, k
+    apply(loaded, plan, runtime)        -> model       swap each FFN for an `MoEFFN` built from the
+                                                       base weights and the plan
+
+`convert()` is the two in a row and returns an `MoEModel`. With `config.sequential` (default) search
+applies each block as soon as it is planned, so block i+1 is calibrated — and its router trained —
+on the inputs it will really see in the converted model; what search returns is still the plan.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moefy.calibrate import DEFAULT_EPS, LayerCalibration, calibrate_blockwise
+from moefy.calibrate import LayerCalibration, calibrate_blockwise
 from moefy.errors import CalibrationError, InvalidArgumentError
-from moefy.experts import METHODS, plan_experts, validate_partition
-from moefy.ffn import extract_ffn, swap_ffn
+from moefy.experts import plan_experts
+from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
 from moefy.flops import FFNShape, dense_ffn_flops, k_for_budget, moe_ffn_flops
 from moefy.kernels import ExpertWeights
 from moefy.models import LoadedModel
-from moefy.moe_ffn import SELECTIONS, MoEFFN
-from moefy.routers import TARGETS, expert_targets, fit_router
+from moefy.moe_ffn import MoEFFN
+from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_sha256
+from moefy.routers import expert_targets, fit_router, router_flops_per_token
+from moefy.settings import ConvertConfig, RuntimeConfig
 from moefy.specs import find_blocks
 from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
-
-REPRESENTATIVES = ("mean", "zero")
-
-
-@dataclass
-class ConvertConfig:
-    num_experts: int = 128
-    top_k: int = 64  # experts computed per token (shared experts included)
-    method: str = "coactivation"  # expert construction, see moefy.experts.METHODS
-    representatives: str = "mean"  # 'mean' (G-MoEfication) or 'zero' (MoEfication)
-    selection: str = "router"  # router | oracle | static | all
-    static_ranking: str = "importance"  # static selection: 'importance' (mean residual norm) or 'random'
-    router_target: str = "residual"  # residual | sq | mass
-    router_hidden: int = 0  # 0: linear router (as good as a 256-wide MLP here, and cheaper)
-    router_epochs: int = 10
-    router_k_fractions: tuple[float, ...] = ()  # also train the router for these fractions of the routed experts
-    shared_fraction: float = 0.0  # fraction of experts always on (highest mean |a - r|)
-    tau: float | None = None  # dynamic k: predicted residual mass to keep (capped at top_k)
-    sequential: bool = True  # calibrate block i+1 on the outputs of the converted block i
-    sample_size: int = 32768  # calibration tokens kept per layer for clustering and routers
-    eps: tuple[float, ...] = DEFAULT_EPS
-    kernel: str = "auto"
-    seed: int = 0
-
-    def validate(self, d_ff: int) -> None:
-        validate_partition(d_ff, self.num_experts)
-        if not 1 <= self.top_k <= self.num_experts:
-            raise InvalidArgumentError(f"--top-k {self.top_k} must be between 1 and --experts {self.num_experts}")
-        if self.method not in METHODS:
-            raise InvalidArgumentError(f"unknown expert method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.representatives not in REPRESENTATIVES:
-            raise InvalidArgumentError(
-                f"unknown representatives {self.representatives!r}; valid: {', '.join(REPRESENTATIVES)}"
-            )
-        if self.selection not in SELECTIONS:
-            raise InvalidArgumentError(f"unknown selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
-        if self.router_target not in TARGETS:
-            raise InvalidArgumentError(f"unknown router target {self.router_target!r}; valid: {', '.join(TARGETS)}")
-        if any(e <= 0 for e in self.eps):
-            raise InvalidArgumentError(f"eps values must be > 0, got {self.eps}")
-        shared = round(self.shared_fraction * self.num_experts)
-        if shared >= self.top_k and self.top_k < self.num_experts:
-            raise InvalidArgumentError(
-                f"shared_fraction={self.shared_fraction} makes {shared} shared experts, not fewer than --top-k {self.top_k}; "
-                "lower --shared (0 for none) or raise --top-k"
-            )
-        if self.tau is not None and not 0 < self.tau <= 1:
-            raise InvalidArgumentError(f"--tau {self.tau} must be in (0, 1]")
-
-    def min_calibration_tokens(self) -> int:
-        return max(1024, 8 * self.num_experts)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["eps"] = list(self.eps)
-        d["router_k_fractions"] = list(self.router_k_fractions)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> ConvertConfig:
-        d = dict(d)
-        d["eps"] = tuple(d.get("eps", DEFAULT_EPS))
-        d["router_k_fractions"] = tuple(d.get("router_k_fractions", ()))
-        return cls(**d)
-
-
-@dataclass
-class LayerReport:
-    index: int
-    name: str
-    router_recall: float | None
-    num_shared: int
-    mean_abs_centred: float  # mean |a - r| over the sample
-    seconds: float
-
-
-@dataclass
-class ConvertedModel:
-    """A converted model (the HF model, its FFNs swapped in place) and what conversion found."""
-
-    loaded: LoadedModel
-    config: ConvertConfig
-    layers: list[LayerReport] = field(default_factory=list)
-    calibrations: list[LayerCalibration] = field(default_factory=list)
-    seconds: float = 0.0
-    base_identity: dict = field(default_factory=dict)  # the dense model's, recorded before conversion
-
-    @property
-    def model(self) -> nn.Module:
-        return self.loaded.model
 
 
 def moe_layers(model: nn.Module) -> list[MoEFFN]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 
 
-def configure(model: nn.Module, **kwargs) -> None:
-    """Set top_k / selection / tau on every MoE layer (see MoEFFN.configure)."""
+def configure(model: nn.Module, **settings: object) -> None:
+    """Set top_k / selection / tau on every MoE layer of a model (see `MoEFFN.configure`); the
+    low-level twin of `MoEModel.configure`, for code that holds only the HF model."""
     layers = moe_layers(model)
     if not layers:
         raise InvalidArgumentError("the model has no MoE layers; convert it first")
     for m in layers:
-        m.configure(**kwargs)
+        m.configure(**settings)  # type: ignore[arg-type]
+
+
+def block_moe(block: nn.Module) -> MoEFFN | None:
+    return next((m for m in block.modules() if isinstance(m, MoEFFN)), None)
+
+
+# ---- FLOPs and the budget -> k rule (the one place it lives) ------------------------------------
+def ffn_shape(ffn: FFNWeights) -> FFNShape:
+    return FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
 
 
 def layer_shape(m: MoEFFN) -> FFNShape:
     return FFNShape(m.d_model, m.num_experts * m.expert_size, m.gated, m.b_in is not None, m.b_out is not None)
+
+
+def top_k_for_budget(shape: FFNShape, num_experts: int, num_shared: int, router_flops: int, budget: float) -> int:
+    """The largest k (shared experts included, at least one routed expert) whose FFN FLOPs, router
+    included, stay within `budget` × dense. An infeasible budget is an error, not a silent floor."""
+    min_k = min(num_experts, num_shared + 1)
+    floor = moe_ffn_flops(shape, num_experts, min_k, router_flops) / dense_ffn_flops(shape)
+    if budget < floor - 1e-9:
+        raise InvalidArgumentError(
+            f"--budget {budget} is infeasible: the router, the {num_shared} shared experts and one routed expert "
+            f"already cost {floor:.3f} of the dense FFN; use --budget {floor:.2f} or more, or fewer --shared experts"
+        )
+    return k_for_budget(shape, num_experts, budget, router_flops, min_k=min_k)
+
+
+def planned_top_k(shape: FFNShape, config: ConvertConfig) -> int:
+    """The k the routers are trained for: `config.top_k`, or the k of `config.budget`."""
+    if config.top_k is not None:
+        return config.top_k
+    assert config.budget is not None
+    ns = config.num_shared
+    router = router_flops_per_token(shape.d_model, config.num_experts - ns, config.router_hidden)
+    return top_k_for_budget(shape, config.num_experts, ns, router, config.budget)
 
 
 def router_flops(m: MoEFFN) -> int:
@@ -160,10 +108,14 @@ def ffn_flops_fraction(model: nn.Module, measured: bool = True) -> float:
     return moe / dense if dense else 1.0
 
 
-def top_k_for_budget(model: nn.Module, budget: float) -> int:
-    """The top_k meeting an FFN FLOPs budget (fraction of dense, router included) on every layer."""
-    m = moe_layers(model)[0]
-    return k_for_budget(layer_shape(m), m.num_experts, budget, router_flops(m), min_k=max(1, m.num_shared))
+# ---- search ---------------------------------------------------------------------------------------
+def base_identity(loaded: LoadedModel) -> BaseIdentity:
+    """The dense model's identity, read before any FFN is converted."""
+    ffns = [extract_ffn(b, loaded.spec) for _, b in find_blocks(loaded.model, loaded.spec)]
+    return BaseIdentity(
+        name=loaded.name, model_type=loaded.model.config.model_type, num_layers=len(ffns),
+        d_model=ffns[0].d_model, d_ff=ffns[0].d_ff, ffn_sha256=ffn_sha256(ffns),
+    )
 
 
 def _check_calibration(batches: list[TokenBatch], config: ConvertConfig) -> None:
@@ -175,113 +127,152 @@ def _check_calibration(batches: list[TokenBatch], config: ConvertConfig) -> None
         )
 
 
-def build_moe_layer(ffn_weights, calib: LayerCalibration, config: ConvertConfig) -> tuple[MoEFFN, LayerReport]:
-    """Search and build the MoE FFN of one layer from its calibration."""
+def plan_layer(ffn: FFNWeights, calib: LayerCalibration, config: ConvertConfig, top_k: int) -> LayerPlan:
+    """Search one FFN: experts (neuron permutation, shared ones first), representatives, static
+    importance and a router trained for `top_k`, from the layer's calibration."""
     t0 = time.perf_counter()
     x = calib.sample_x  # (N, D)
-    a = ffn_weights.activation(x.to(ffn_weights.w_up.dtype)).float()  # (N, h)
-    mean = calib.stats.mean if config.representatives == "mean" else torch.zeros(ffn_weights.d_ff)
-    plan = plan_experts(
-        ffn_weights, config.num_experts, config.method, sample_a=a, mean=calib.stats.mean,
+    a = ffn.activation(x.to(ffn.w_up.dtype)).float()  # (N, h)
+    partition = plan_experts(
+        ffn, config.num_experts, config.method, sample_a=a, mean=calib.stats.mean,
         shared_fraction=config.shared_fraction, seed=config.seed + calib.index,
     )
-    experts = ExpertWeights.from_ffn(ffn_weights, plan.perm, config.num_experts)
-    n, s = config.num_experts, experts.expert_size
-    reps = mean[plan.perm].reshape(n, s).to(experts.w_out.dtype)
-    targets = expert_targets(experts, reps, x.to(experts.w_in.dtype), config.router_target).float()  # (N, E)
-    ns = plan.num_shared
+    n, ns = config.num_experts, partition.num_shared
+    experts = ExpertWeights.from_ffn(ffn, partition.perm, n)
+    mean = calib.stats.mean if config.representatives == "mean" else torch.zeros(ffn.d_ff)
+    reps = mean[partition.perm].reshape(n, experts.expert_size).float()  # (E, S)
+    residual = expert_targets(experts, reps.to(experts.w_out.dtype), x.to(experts.w_in.dtype), "residual").float()
+    targets = residual if config.router_target == "residual" else expert_targets(
+        experts, reps.to(experts.w_out.dtype), x.to(experts.w_in.dtype), config.router_target
+    ).float()  # (N, E)
     router, recall = None, None
-    if config.selection == "router" and config.top_k < n:
+    if top_k < n:
         routed = n - ns
-        ks = [config.top_k - ns] + [max(1, min(routed, round(f * routed))) for f in config.router_k_fractions]
+        ks = [top_k - ns] + [max(1, min(routed, round(f * routed))) for f in config.router_k_fractions]
         fit = fit_router(
-            x, targets[:, ns:], ks, hidden=config.router_hidden,
+            x.float(), targets[:, ns:], ks, hidden=config.router_hidden,
             epochs=config.router_epochs, seed=config.seed + calib.index,
         )
-        router, recall = fit.router.to(experts.w_in.dtype), fit.recall
+        router, recall = fit.router, fit.recall
     if config.static_ranking == "random":
         importance = torch.rand(n, generator=torch.Generator().manual_seed(config.seed + calib.index))
     else:
-        residual = targets if config.router_target == "residual" else expert_targets(experts, reps, x, "residual")
-        importance = residual.float().mean(0)
+        importance = residual.mean(0)
     importance[:ns] = float("inf")
-    moe = MoEFFN(
-        experts=experts, representatives=reps, b_out=ffn_weights.b_down, router=router,
-        top_k=config.top_k, num_shared=ns, importance=importance,
-        selection=config.selection if (router is not None or config.selection != "router") else "all",
-        tau=config.tau, kernel=config.kernel,
-    )
-    report = LayerReport(
-        index=calib.index, name=calib.name, router_recall=recall, num_shared=ns,
+    return LayerPlan(
+        index=calib.index, block=calib.name, num_experts=n, num_shared=ns, top_k=top_k, perm=partition.perm,
+        representatives=reps, importance=importance, router=router, router_recall=recall,
         mean_abs_centred=float((a - calib.stats.mean).abs().mean()), seconds=time.perf_counter() - t0,
     )
-    return moe, report
 
 
-def convert(
-    loaded: LoadedModel,
-    calibration: list[TokenBatch],
-    config: ConvertConfig,
-    *,
-    keep_calibration: bool = False,
-    progress: bool = False,
-) -> ConvertedModel:
-    """Convert every FFN of `loaded.model` in place into an MoE FFN."""
+def search(
+    loaded: LoadedModel, calibration: list[TokenBatch], config: ConvertConfig, *, progress: bool = False
+) -> ModelPlan:
+    """Calibrate block by block and plan every FFN. With `config.sequential` each block is applied
+    (with the plan's own runtime) as soon as it is planned; otherwise the model is left dense."""
     spec = loaded.spec
     blocks = find_blocks(loaded.model, spec)
-    d_ff = extract_ffn(blocks[0][1], spec).d_ff
-    config.validate(d_ff)
+    first = extract_ffn(blocks[0][1], spec)
+    config.validate_for(first.d_ff)
     _check_calibration(calibration, config)
-    result = ConvertedModel(loaded=loaded, config=config, base_identity=loaded.identity())
-    bar = tqdm(total=len(blocks), desc="converting", disable=not progress)
+    top_k = planned_top_k(ffn_shape(first), config)
+    if top_k <= config.num_shared < config.num_experts:
+        raise InvalidArgumentError(f"k={top_k} leaves no routed expert beside {config.num_shared} shared ones")
+    base = base_identity(loaded)
+    layers: list[LayerPlan] = []
+    bar = tqdm(total=len(blocks), desc="converting", unit="layer", disable=not progress)
     t0 = time.perf_counter()
 
     def on_block(i: int, name: str, block: nn.Module, calib: LayerCalibration) -> None:
-        moe, report = build_moe_layer(extract_ffn(block, spec), calib, config)
-        swap_ffn(block, spec, moe)
-        result.layers.append(report)
-        if not keep_calibration:
-            calib.sample_x = calib.sample_x[:0]
-        bar.set_postfix_str(f"{name} recall={report.router_recall if report.router_recall is not None else '-'}")
+        ffn = extract_ffn(block, spec)
+        lp = plan_layer(ffn, calib, config, top_k)
+        layers.append(lp)
+        if config.sequential:
+            swap_ffn(block, spec, build_moe(ffn, lp, RuntimeConfig()))
+        calib.sample_x = calib.sample_x[:0]  # statistics are not kept after the layer is planned
+        recall = "-" if lp.router_recall is None else f"{lp.router_recall:.3f}"
+        bar.set_postfix_str(f"{name} k={lp.top_k}/{lp.num_experts} recall={recall}")
         bar.update(1)
 
     try:
-        result.calibrations = calibrate_blockwise(
+        calibrate_blockwise(
             loaded.model, spec, calibration, sample_size=config.sample_size, eps=config.eps,
-            on_block=on_block, sequential=config.sequential, keep=True, seed=config.seed,
+            on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed,
         )
     finally:
         bar.close()
-    result.seconds = time.perf_counter() - t0
-    log.info("converted %d layers in %.1f s", len(result.layers), result.seconds)
-    return result
+    seconds = time.perf_counter() - t0
+    log.info("searched %d layers in %.1f s", len(layers), seconds)
+    return ModelPlan(base=base, config=config, layers=layers, seconds=seconds)
 
 
-def refit_routers(converted: ConvertedModel, top_ks: list[int] | None = None) -> list[float]:
-    """Re-fit every layer's router on the kept calibration samples (after representatives
-    changed, or for other k). Needs `convert(..., keep_calibration=True)`. Returns recalls."""
-    recalls = []
-    config = converted.config
-    for m, calib in zip(moe_layers(converted.model), converted.calibrations, strict=True):
-        if calib.sample_x.shape[0] == 0:
-            raise InvalidArgumentError("refit_routers needs the calibration samples: convert with keep_calibration=True")
-        x = calib.sample_x.to(m.w_in.dtype)
-        targets = expert_targets(m.expert_weights, m.representatives, x, config.router_target).float()
-        ks = [k - m.num_shared for k in (top_ks or [m.top_k])]
-        fit = fit_router(
-            x.float(), targets[:, m.num_shared :], ks, hidden=config.router_hidden,
-            epochs=config.router_epochs, seed=config.seed + calib.index,
-        )
-        m.router = fit.router.to(m.w_in.dtype)
-        recalls.append(fit.recall)
-    return recalls
+# ---- apply ----------------------------------------------------------------------------------------
+def runtime_top_k(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> int:
+    if runtime.top_k is not None:
+        return runtime.top_k
+    if runtime.budget is not None:
+        flops = lp.router.flops_per_token() if (lp.router is not None and runtime.selection == "router") else 0
+        return top_k_for_budget(shape, lp.num_experts, lp.num_shared, flops, runtime.budget)
+    return lp.top_k
 
 
-def set_representatives(model: nn.Module, kind: str) -> None:
-    """Switch every layer's representatives to zeros (MoEfication) — static vectors follow."""
-    if kind != "zero":
-        raise InvalidArgumentError(f"set_representatives supports 'zero' only, got {kind!r}")
-    for m in moe_layers(model):
-        with torch.no_grad():
-            m.representatives.zero_()
-        m.refresh_static()
+def _layer_settings(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> dict:
+    k = runtime_top_k(lp, shape, runtime)
+    selection = runtime.selection
+    if selection == "router" and lp.router is None:
+        if k < lp.num_experts:
+            raise InvalidArgumentError(
+                f"layer {lp.index} has no router (it was planned with every expert selected); "
+                "use --selection oracle/static/all or re-convert with a smaller --top-k"
+            )
+        selection = "all"
+    return {"top_k": k, "selection": selection, "tau": runtime.tau if runtime.tau is not None else lp.tau}
+
+
+def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
+    """The MoE FFN of one dense FFN under a layer plan (expert-major weights in the base dtype)."""
+    if ffn.d_ff != lp.perm.shape[0]:
+        raise InvalidArgumentError(f"layer {lp.index}: the plan is for an FFN of width {lp.perm.shape[0]}, not {ffn.d_ff}")
+    experts = ExpertWeights.from_ffn(ffn, lp.perm, lp.num_experts)
+    dtype = experts.w_out.dtype
+    router = None if lp.router is None else lp.router.to(dtype)
+    return MoEFFN(
+        experts=experts, representatives=lp.representatives.to(dtype), b_out=ffn.b_down, router=router,
+        num_shared=lp.num_shared, importance=lp.importance, kernel=runtime.kernel,
+        **_layer_settings(lp, ffn_shape(ffn), runtime),
+    )
+
+
+def apply(loaded: LoadedModel, plan: ModelPlan, runtime: RuntimeConfig | None = None) -> nn.Module:
+    """Swap every FFN of `loaded.model` for its MoE FFN (module swap, in place); a block already
+    converted under this plan only takes the runtime settings. Returns the model."""
+    runtime = runtime or plan.runtime
+    blocks = find_blocks(loaded.model, loaded.spec)
+    if len(blocks) != len(plan.layers):
+        raise InvalidArgumentError(f"the plan has {len(plan.layers)} layers; the model has {len(blocks)}")
+    for (_name, block), lp in zip(blocks, plan.layers, strict=True):
+        existing = block_moe(block)
+        if existing is not None:
+            existing.kernel_name = runtime.kernel
+            existing.configure(**_layer_settings(lp, layer_shape(existing), runtime))
+        else:
+            swap_ffn(block, loaded.spec, build_moe(extract_ffn(block, loaded.spec), lp, runtime))
+    guard_save_pretrained(loaded.model)
+    plan.runtime = runtime
+    return loaded.model
+
+
+def _refuse_save_pretrained(*_args: object, **_kwargs: object) -> None:
+    raise InvalidArgumentError(
+        "save_pretrained() cannot save a moefy model: transformers would reload its MoE FFNs as randomly "
+        "initialised MLPs. Use MoEModel.save(DIR) (an adapter folder: the plan only) or MoEModel.export(DIR) "
+        "(a standalone folder), then MoEModel.from_pretrained(...) to load it"
+    )
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make `model.save_pretrained` (and `push_to_hub`) raise a clear error on a converted model."""
+    for attr in ("save_pretrained", "push_to_hub"):
+        if hasattr(model, attr):
+            object.__setattr__(model, attr, _refuse_save_pretrained)

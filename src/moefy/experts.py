@@ -27,7 +27,7 @@ from moefy.ffn import FFNWeights
 
 log = logging.getLogger(__name__)
 
-METHODS = ("kmeans", "coactivation", "random", "contiguous")
+from moefy.settings import METHODS  # noqa: E402
 
 
 @dataclass

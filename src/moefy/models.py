@@ -82,23 +82,6 @@ class LoadedModel:
         head = getattr(self.model, "get_output_embeddings", lambda: None)()
         return self.spec.causal and head is not None
 
-    def identity(self) -> dict:
-        """What a converted checkpoint records to refuse a different base model."""
-        return base_identity(self.model, self.name)
-
-
-def base_identity(model: nn.Module, name: str) -> dict:
-    h = hashlib.sha256()
-    cfg = model.config
-    h.update(json.dumps({"model_type": cfg.model_type}, sort_keys=True).encode())
-    n_params = 0
-    for pname, p in sorted(model.state_dict().items()):
-        n_params += p.numel()
-        flat = p.detach().reshape(-1)
-        h.update(pname.encode())
-        h.update(flat[:64].float().numpy().tobytes())  # a cheap fingerprint of every tensor
-    return {"name": name, "model_type": cfg.model_type, "num_parameters": n_params, "fingerprint": h.hexdigest()[:32]}
-
 
 def cache_dir() -> Path:
     if os.environ.get("MOEFY_CACHE"):

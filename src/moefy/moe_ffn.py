@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from moefy.errors import InvalidArgumentError
 from moefy.kernels import ExpertWeights, get_kernel
+from moefy.settings import SELECTIONS
 
-SELECTIONS = ("router", "oracle", "static", "all")
 _KEEP = object()  # configure(): leave this setting as it is
 
 

@@ -26,7 +26,7 @@ from moefy.kernels import ExpertWeights
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("residual", "sq", "mass")
+from moefy.settings import ROUTER_TARGETS as TARGETS  # noqa: E402
 
 
 class MLPRouter(nn.Module):
@@ -46,10 +46,15 @@ class MLPRouter(nn.Module):
         return self.net((x - self.x_mean) * self.x_scale)
 
     def flops_per_token(self) -> int:
-        """Multiply-adds count 2; input standardisation counts 2 per feature."""
-        d, e, h = self.d_model, self.num_experts, self.hidden
-        core = 2 * (d * h + h * e) + 4 * h if h > 0 else 2 * d * e
-        return 2 * d + core
+        return router_flops_per_token(self.d_model, self.num_experts, self.hidden)
+
+
+def router_flops_per_token(d_model: int, num_experts: int, hidden: int = 0) -> int:
+    """FLOPs of one `MLPRouter` call per token. Multiply-adds count 2; input standardisation counts
+    2 per feature; the hidden layer's bias and SiLU count 4 per unit."""
+    d, e, h = d_model, num_experts, hidden
+    core = 2 * (d * h + h * e) + 4 * h if h > 0 else 2 * d * e
+    return 2 * d + core
 
 
 @torch.no_grad()

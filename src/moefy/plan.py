@@ -1,0 +1,312 @@
+"""The expert plan: what a conversion found, as a value (search → **plan** → apply; docs/DESIGN.md).
+
+A `LayerPlan` says how one FFN becomes an MoE: the neuron permutation that groups its neurons into
+balanced experts (shared experts first), the representatives r of every neuron, the static
+importance of every expert, the router's weights and the k (or τ) it was trained for. A `ModelPlan`
+is every layer's plan plus the search settings and the base model's identity. The plan holds no copy
+of the base weights: `moefy.convert.apply` rebuilds the expert-major weights from the base model.
+
+Saved as an adapter folder, like PEFT's (only what conversion created):
+
+    moefy.json        format, base identity, search settings, runtime settings, per-layer metadata
+    plan.safetensors  layers.{i}.perm (h,) int64, layers.{i}.representatives (E, S),
+                      layers.{i}.importance (E,), layers.{i}.router.* (router state)
+
+Loading is strict: every tensor must be there with the right dtype, shape and finite values, and no
+other tensor may be; the JSON must have exactly the keys this version writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moefy import __version__
+from moefy.errors import CheckpointError, InvalidArgumentError
+from moefy.routers import MLPRouter
+from moefy.settings import ConvertConfig, RuntimeConfig
+
+FORMAT = "moefy-plan"
+FORMAT_VERSION = 2
+CONFIG_FILE = "moefy.json"
+PLAN_FILE = "plan.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, PLAN_FILE)
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """Which dense model a plan belongs to: where to find it, and a content hash of its FFN weights
+    (bf16-rounded, so an fp32 and a bf16 copy of the same model agree)."""
+
+    name: str  # bundled name, folder or hub id the conversion loaded ("." = the plan's own folder)
+    model_type: str
+    num_layers: int
+    d_model: int
+    d_ff: int
+    ffn_sha256: str
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.model_type}, {self.num_layers} layers, FFN {self.d_model}x{self.d_ff}, sha256 {self.ffn_sha256[:12]})"
+
+    def same_weights(self, other: BaseIdentity) -> bool:
+        return (self.model_type, self.num_layers, self.d_model, self.d_ff, self.ffn_sha256) == (
+            other.model_type, other.num_layers, other.d_model, other.d_ff, other.ffn_sha256,
+        )
+
+
+def ffn_sha256(ffns: list) -> str:
+    """sha256 over every FFN's weights (moefy.ffn.FFNWeights), rounded to bf16, in layer order."""
+    h = hashlib.sha256()
+    for ffn in ffns:
+        for t in (ffn.w_gate, ffn.w_up, ffn.w_down, ffn.b_gate, ffn.b_up, ffn.b_down):
+            if t is not None:
+                h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+@dataclass
+class LayerPlan:
+    """One FFN's MoE plan. Legend: h FFN width, E experts, S = h/E neurons per expert."""
+
+    index: int
+    block: str  # module name of the transformer block
+    num_experts: int
+    num_shared: int  # experts 0..num_shared-1 are always on (counted in top_k)
+    top_k: int  # experts per token the router was trained for
+    perm: Tensor  # (h,) int64: expert e holds neurons perm[e*S:(e+1)*S]
+    representatives: Tensor  # (E, S) float32: r per neuron, expert-major
+    importance: Tensor  # (E,) float32: static ranking (shared experts +inf)
+    router: MLPRouter | None  # scores the routed experts (E - num_shared); None: no router trained
+    tau: float | None = None  # dynamic k (predicted residual mass to keep), None: fixed k
+    router_recall: float | None = None  # held-out recall of the oracle's top-k at search time
+    mean_abs_centred: float | None = None  # mean |a - r| over the calibration sample
+    seconds: float = 0.0
+
+    @property
+    def expert_size(self) -> int:
+        return self.perm.shape[0] // self.num_experts
+
+    def metadata(self) -> dict:
+        return {
+            "index": self.index, "block": self.block, "num_experts": self.num_experts, "num_shared": self.num_shared,
+            "top_k": self.top_k, "tau": self.tau,
+            "router_hidden": None if self.router is None else self.router.hidden,
+            "router_recall": self.router_recall, "mean_abs_centred": self.mean_abs_centred, "seconds": self.seconds,
+        }
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"perm": self.perm, "representatives": self.representatives, "importance": self.importance}
+        if self.router is not None:
+            out.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
+        return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+@dataclass
+class ModelPlan:
+    base: BaseIdentity
+    config: ConvertConfig
+    layers: list[LayerPlan]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # how the model ran when saved
+    seconds: float = 0.0  # search time
+    extra: dict = field(default_factory=dict)  # e.g. the evaluation of the main job (JSON)
+
+    def summary_rows(self) -> list[dict]:
+        """One row per layer (for `moefy inspect`)."""
+        return [
+            {"layer": lp.index, "block": lp.block, "experts": lp.num_experts, "shared": lp.num_shared,
+             "expert_size": lp.expert_size, "top_k": lp.top_k, "tau": lp.tau,
+             "router": "-" if lp.router is None else ("linear" if lp.router.hidden == 0 else f"mlp{lp.router.hidden}"),
+             "recall": lp.router_recall, "mean|a-r|": lp.mean_abs_centred}
+            for lp in self.layers
+        ]
+
+    # ---- save ---------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "moefy_version": __version__,
+            "base": self.base.__dict__, "config": self.config.to_json(), "runtime": self.runtime.to_json(),
+            "layers": [lp.metadata() for lp in self.layers], "search_seconds": self.seconds, "extra": self.extra,
+        }
+
+    def write_into(self, folder: Path) -> None:
+        """Write the adapter files into an existing (temporary) folder."""
+        tensors = {f"layers.{lp.index}.{k}": v for lp in self.layers for k, v in lp.tensors().items()}
+        save_file(tensors, str(folder / PLAN_FILE), metadata={"format": FORMAT})
+        (folder / CONFIG_FILE).write_text(json.dumps(self.metadata(), indent=2))
+
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the adapter folder atomically; refuses an existing folder unless `overwrite`."""
+        with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+            self.write_into(tmp)
+        return Path(out_dir)
+
+    # ---- load ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path) -> ModelPlan:
+        folder = Path(folder)
+        meta = read_metadata(folder)
+        try:
+            tensors = load_file(str(folder / PLAN_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{folder / PLAN_FILE}: cannot be read as safetensors ({e})") from None
+        base = meta["base"]
+        layers = [_layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
+        used = {k for lp in layers for k in (f"layers.{lp.index}.{n}" for n in lp.tensors())}
+        if leftover := sorted(set(tensors) - used):
+            raise CheckpointError(f"{folder / PLAN_FILE}: tensors for no layer: {', '.join(leftover[:5])}")
+        if [lp.index for lp in layers] != list(range(len(layers))) or len(layers) != base["num_layers"]:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: layers must be 0..{base['num_layers'] - 1} in order")
+        return cls(
+            base=BaseIdentity(**base), config=ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE)),
+            runtime=RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE)),
+            layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
+        )
+
+
+_META_KEYS = {"format", "format_version", "moefy_version", "base", "config", "runtime", "layers", "search_seconds", "extra"}
+_LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "router_hidden", "router_recall",
+               "mean_abs_centred", "seconds"}
+_BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256"}
+
+
+def is_plan_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_metadata(folder: str | Path) -> dict:
+    """moefy.json, checked for shape (keys, types, format version) without reading any tensor."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a moefy folder: {CONFIG_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a moefy plan (expected an object with \"format\": \"{FORMAT}\")")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')!r}; this moefy ({__version__}) reads {FORMAT_VERSION}; "
+            "re-convert the model with this version"
+        )
+    _check_keys(path, "top level", meta, _META_KEYS)
+    _check_keys(path, "base", meta["base"], _BASE_KEYS)
+    if not isinstance(meta["layers"], list) or not meta["layers"]:
+        raise CheckpointError(f"{path}: \"layers\" must be a non-empty list")
+    for i, layer in enumerate(meta["layers"]):
+        _check_keys(path, f"layers[{i}]", layer, _LAYER_KEYS)
+    return meta
+
+
+def _check_keys(path: Path, where: str, d: object, expected: set[str]) -> None:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: {where} must be a JSON object, got {type(d).__name__}")
+    missing, unknown = expected - set(d), set(d) - expected
+    if missing or unknown:
+        raise CheckpointError(
+            f"{path}: {where} has missing keys {sorted(missing)} and unknown keys {sorted(unknown)}"
+        )
+
+
+def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path) -> LayerPlan:
+    i = meta["index"]
+    where = f"{folder / PLAN_FILE}: layer {i}"
+
+    def get(name: str, shape: tuple[int, ...], floating: bool, allow_inf: bool = False) -> Tensor:
+        key = f"layers.{i}.{name}"
+        if key not in tensors:
+            raise CheckpointError(f"{where}: tensor {key} is missing")
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
+        if t.is_floating_point() != floating:
+            raise CheckpointError(f"{where}: {key} has dtype {t.dtype}, expected {'a float' if floating else 'an integer'} type")
+        bad = (torch.isnan(t) | (t == float("-inf"))) if allow_inf else ~torch.isfinite(t)
+        if floating and bad.any():
+            raise CheckpointError(f"{where}: {key} holds NaN or infinite values; the file is corrupt")
+        return t
+
+    n, ns, h, d = meta["num_experts"], meta["num_shared"], base["d_ff"], base["d_model"]
+    if not (isinstance(n, int) and n > 0 and h % n == 0 and isinstance(ns, int) and 0 <= ns < n):
+        raise CheckpointError(f"{where}: num_experts {n} / num_shared {ns} do not fit an FFN of width {h}")
+    if not (isinstance(meta["top_k"], int) and max(1, ns) <= meta["top_k"] <= n):
+        raise CheckpointError(f"{where}: top_k {meta['top_k']} must be in {max(1, ns)}..{n}")
+    perm = get("perm", (h,), floating=False).long()
+    if not torch.equal(torch.sort(perm).values, torch.arange(h)):
+        raise CheckpointError(f"{where}: perm is not a permutation of 0..{h - 1}; the file is corrupt")
+    reps = get("representatives", (n, h // n), floating=True)
+    importance = get("importance", (n,), floating=True, allow_inf=True)  # shared experts: +inf
+    router = None
+    if meta["router_hidden"] is not None:
+        router = MLPRouter(d, n - ns, int(meta["router_hidden"]))
+        expected = router.state_dict()
+        sd = {k: get(f"router.{k}", tuple(v.shape), floating=True) for k, v in expected.items()}
+        router.load_state_dict(sd, strict=True)
+        router.to(reps.dtype).eval()
+    return LayerPlan(
+        index=i, block=meta["block"], num_experts=n, num_shared=ns, top_k=meta["top_k"], perm=perm,
+        representatives=reps, importance=importance, router=router, tau=meta["tau"],
+        router_recall=meta["router_recall"], mean_abs_centred=meta["mean_abs_centred"], seconds=meta["seconds"],
+    )
+
+
+@contextmanager
+def atomic_folder(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error
+    (or interrupt) it is removed, so nothing half-written is left."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {str(out.parent)!r}: {e.strerror}") from None
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(out_dir: str | Path, *, overwrite: bool) -> None:
+    """Fail early (before a long conversion) if `out_dir` cannot be written."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"output folder {str(out)!r}: {str(parent)!r} is not writable")
+
+
+def validate_plan_for(plan: ModelPlan, num_layers: int) -> None:
+    if len(plan.layers) != num_layers:
+        raise InvalidArgumentError(f"the plan has {len(plan.layers)} layers; the model has {num_layers}")
+
+
+__all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_sha256", "is_plan_folder", "read_metadata", "atomic_folder"]

@@ -1,0 +1,221 @@
+"""The one source of settings: what a conversion searches for (`ConvertConfig`) and how a converted
+model runs (`RuntimeConfig`).
+
+The defaults of `ConvertConfig` *are* the recommended settings (measured in README "Results"); the
+CLI's flags, their `--help` text and their valid choices are generated from the fields below, and
+the Python API takes the same objects, so `moefy convert` and `moefy.convert(...)` with the same
+arguments build the same model. Everything here is validated without torch or a model, so a typo
+fails in milliseconds; the checks that need the FFN width (`validate_for`) run before any weight is
+read.
+
+Search settings are stored once, in the plan (`moefy.plan.ModelPlan.config`). Runtime settings can
+change on a converted model at any time (`moefy.convert.apply`, `MoEModel.configure`) without
+re-converting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from moefy.errors import InvalidArgumentError
+
+METHODS = ("kmeans", "coactivation", "random", "contiguous")  # expert construction (moefy.experts)
+REPRESENTATIVES = ("mean", "zero")  # G-MoEfication (mean activation) or MoEfication (zero)
+ROUTER_TARGETS = ("residual", "sq", "mass")  # moefy.routers.expert_targets
+STATIC_RANKINGS = ("importance", "random")  # how `static` selection ranks experts
+SELECTIONS = ("router", "oracle", "static", "all")  # moefy.moe_ffn.MoEFFN selection modes
+KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
+DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
+
+
+def _opt(help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None, cli: bool = True) -> dict:
+    """Field metadata the CLI reads: help text, flag name, valid choices."""
+    return {"help": help, "flag": flag, "choices": choices, "cli": cli}
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How to search for an MoE in a dense model. Defaults are the recommended settings."""
+
+    num_experts: int = field(default=256, metadata=_opt("experts per FFN; must divide the FFN width", flag="--experts"))
+    budget: float | None = field(
+        default=0.75,
+        metadata=_opt("FFN FLOPs budget as a fraction of dense, router included; the routers are trained for the k it gives"),
+    )
+    top_k: int | None = field(
+        default=None, metadata=_opt("experts per token (shared included) instead of --budget", flag="--top-k")
+    )
+    method: str = field(default="kmeans", metadata=_opt("expert construction", choices=METHODS))
+    shared_fraction: float = field(
+        default=0.1, metadata=_opt("fraction of experts always on (highest mean |a - r|); 0 for none", flag="--shared")
+    )
+    representatives: str = field(
+        default="mean", metadata=_opt("value of an unselected neuron: mean (G-MoEfication) or zero", choices=REPRESENTATIVES)
+    )
+    router_target: str = field(
+        default="residual", metadata=_opt("what the router predicts per expert", choices=ROUTER_TARGETS)
+    )
+    router_hidden: int = field(default=0, metadata=_opt("router hidden width; 0 = linear (as good as an MLP here, cheaper)"))
+    router_epochs: int = field(default=10, metadata=_opt("router training epochs over the sampled tokens"))
+    router_k_fractions: tuple[float, ...] = field(
+        default=(), metadata=_opt("also train each router for these fractions of the routed experts", cli=False)
+    )
+    static_ranking: str = field(
+        default="importance", metadata=_opt("expert ranking for static selection", choices=STATIC_RANKINGS)
+    )
+    sequential: bool = field(
+        default=True, metadata=_opt("calibrate block i+1 on the outputs of the converted block i")
+    )
+    calibration_sequences: int = field(default=128, metadata=_opt("256-token sequences of calibration text"))
+    sample_size: int = field(default=32768, metadata=_opt("calibration tokens kept per layer for clustering and routers"))
+    eps: tuple[float, ...] = field(default=DEFAULT_EPS, metadata=_opt("soft-sparsity thresholds (> 0)", cli=False))
+    seed: int = field(default=0, metadata=_opt("random seed"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that needs no model; raises InvalidArgumentError naming the flag."""
+        _positive("--experts", self.num_experts)
+        if self.top_k is not None and self.budget is not None:
+            raise InvalidArgumentError("give --top-k or --budget, not both")
+        if self.top_k is None and self.budget is None:
+            raise InvalidArgumentError("give --top-k or --budget")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise InvalidArgumentError(f"--budget {self.budget} must be in (0, 1]")
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise InvalidArgumentError(f"--top-k {self.top_k} must be between 1 and --experts {self.num_experts}")
+        _choice("--method", self.method, METHODS)
+        _choice("--representatives", self.representatives, REPRESENTATIVES)
+        _choice("--router-target", self.router_target, ROUTER_TARGETS)
+        _choice("--static-ranking", self.static_ranking, STATIC_RANKINGS)
+        if not 0.0 <= self.shared_fraction < 1.0:
+            raise InvalidArgumentError(f"--shared {self.shared_fraction} must be in [0, 1)")
+        if self.router_hidden < 0:
+            raise InvalidArgumentError(f"--router-hidden {self.router_hidden} must be >= 0 (0: a linear router)")
+        _positive("--router-epochs", self.router_epochs)
+        _positive("--calibration-sequences", self.calibration_sequences)
+        _positive("--sample-size", self.sample_size)
+        if not self.eps or any(e <= 0 for e in self.eps):
+            raise InvalidArgumentError(f"eps values must be > 0, got {self.eps}")
+        if any(not 0.0 < f <= 1.0 for f in self.router_k_fractions):
+            raise InvalidArgumentError(f"router_k_fractions {self.router_k_fractions} must be in (0, 1]")
+        shared = self.num_shared
+        if self.top_k is not None and self.top_k < self.num_experts and shared >= self.top_k:
+            raise InvalidArgumentError(
+                f"--shared {self.shared_fraction} makes {shared} shared experts, not fewer than --top-k {self.top_k}; "
+                "lower --shared (0 for none) or raise --top-k"
+            )
+
+    def validate_for(self, d_ff: int) -> None:
+        """The checks that need the model's FFN width (read from its config, before any weight)."""
+        if d_ff % self.num_experts:
+            divisors = [n for n in range(2, min(d_ff, 4096) + 1) if d_ff % n == 0]
+            shown = ", ".join(map(str, divisors[:24])) + (" ..." if len(divisors) > 24 else "")
+            raise InvalidArgumentError(
+                f"--experts {self.num_experts} does not divide the FFN width {d_ff}; valid values include: {shown}"
+            )
+
+    @property
+    def num_shared(self) -> int:
+        return round(self.shared_fraction * self.num_experts)
+
+    def min_calibration_tokens(self) -> int:
+        return max(1024, 8 * self.num_experts)
+
+    def replace(self, **changes: Any) -> ConvertConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict, *, source: str = "moefy.json") -> ConvertConfig:
+        return _from_json(cls, d, source)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a converted model runs; changeable at any time without re-converting. `None` keeps what
+    the plan chose (the k its routers were trained for)."""
+
+    top_k: int | None = field(default=None, metadata=_opt("experts per token (shared included)", flag="--top-k"))
+    budget: float | None = field(default=None, metadata=_opt("FFN FLOPs budget instead of --top-k"))
+    tau: float | None = field(
+        default=None, metadata=_opt("dynamic k: keep experts until this fraction of predicted residual mass (cap: k)")
+    )
+    selection: str = field(
+        default="router", metadata=_opt("how experts are picked (oracle: exact, full cost, upper bound)", choices=SELECTIONS)
+    )
+    kernel: str = field(default="auto", metadata=_opt("expert kernel", choices=KERNELS))
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.budget is not None:
+            raise InvalidArgumentError("give --top-k or --budget, not both")
+        if self.top_k is not None and self.top_k < 1:
+            raise InvalidArgumentError(f"--top-k {self.top_k} must be >= 1")
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise InvalidArgumentError(f"--budget {self.budget} must be in (0, 1]")
+        if self.tau is not None and not 0.0 < self.tau <= 1.0:
+            raise InvalidArgumentError(f"--tau {self.tau} must be in (0, 1]")
+        _choice("--selection", self.selection, SELECTIONS)
+        _choice("--kernel", self.kernel, KERNELS)
+
+    def replace(self, **changes: Any) -> RuntimeConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict, *, source: str = "moefy.json") -> RuntimeConfig:
+        return _from_json(cls, d, source)
+
+
+def _from_json(cls: Any, d: object, source: str) -> Any:
+    """Strict: a non-object or an unknown key (e.g. from a newer moefy) is a clear error."""
+    if not isinstance(d, dict):
+        raise InvalidArgumentError(f"{source}: settings must be a JSON object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise InvalidArgumentError(
+            f"{source}: unknown setting(s) {', '.join(unknown)} (written by a newer moefy?); known: {', '.join(known)}"
+        )
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise InvalidArgumentError(f"{source}: invalid settings: {e}") from None
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgumentError(f"{flag} {value!r} must be a positive integer")
+
+
+def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise InvalidArgumentError(f"{flag} {value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+# Per-model overrides of the defaults above, keyed by bundled model name. Empty today: the defaults
+# were measured as the best settings on both bundled models (README "Results").
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def config_for(model_name: str, **overrides: Any) -> ConvertConfig:
+    """The recommended config for a model, with the user's overrides (None = keep the default)."""
+    values = {**PRESETS.get(model_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
+    if "top_k" in values and "budget" not in values:
+        values["budget"] = None  # --top-k replaces the default budget
+    return ConvertConfig(**values)
+
+
+__all__ = ["ConvertConfig", "RuntimeConfig", "PRESETS", "config_for", "flag_name"]
