@@ -19,8 +19,10 @@ from moefy.analysis import (
 from moefy.analysis.corpus import TextCategory
 from moefy.analysis.results import COST, ROUTING, SPECIALISATION
 from moefy.analysis.sparsity import swap_activation
-from moefy.convert import ConvertConfig, convert
+from moefy.api import convert
 from moefy.models import LoadedModel
+from moefy.moe_model import MoEModel
+from moefy.settings import ConvertConfig, RuntimeConfig
 from moefy.specs import resolve_spec
 from moefy.text import TokenBatch
 from tests.tiny_models import tiny_model
@@ -47,17 +49,38 @@ def random_batches(n_seq: int = 16, seq_len: int = 32, seed: int = 1) -> list[To
     return TokenBatch(ids, torch.ones_like(ids), "random").chunks(8)
 
 
+_SEARCH_FIELDS = set(ConvertConfig.__dataclass_fields__)
+_RUNTIME_ONLY = set(RuntimeConfig.__dataclass_fields__) - _SEARCH_FIELDS  # selection, tau, kernel
+
+
+def tiny_settings(**kw) -> tuple[ConvertConfig, RuntimeConfig]:
+    """Small, fast settings for tiny models: 8 experts, k=4 (no budget), no shared expert, a small
+    MLP router, the reference kernel. Keyword arguments go to ConvertConfig, except the runtime-only
+    ones (selection, tau, kernel), which go to RuntimeConfig."""
+    search = dict(num_experts=8, top_k=4, budget=None, shared_fraction=0.0, sample_size=512, router_epochs=3,
+                  router_hidden=16, sequential=False)
+    runtime = dict(kernel="reference")
+    for k, v in kw.items():
+        (runtime if k in _RUNTIME_ONLY else search)[k] = v
+    if "budget" in kw and "top_k" not in kw:
+        search["top_k"] = None
+    return ConvertConfig(**search), RuntimeConfig(**runtime)
+
+
 def tiny_config(**kw) -> ConvertConfig:
-    base = dict(num_experts=8, top_k=4, sample_size=512, router_epochs=3, router_hidden=16, kernel="reference",
-                sequential=False)
-    base.update(kw)
-    return ConvertConfig(**base)
+    return tiny_settings(**kw)[0]
 
 
-def converted_tiny(model_type: str = "llama", **kw):
-    """(LoadedModel converted in place, ConvertedModel)."""
+def convert_tiny(loaded: LoadedModel, batches: list[TokenBatch] | None = None, **kw) -> MoEModel:
+    """`moefy.api.convert` with `tiny_settings(**kw)` on `batches` (default: 32 random sequences of 48)."""
+    config, runtime = tiny_settings(**kw)
+    return convert(loaded, config, calibration=random_batches(32, 48) if batches is None else batches, runtime=runtime)
+
+
+def converted_tiny(model_type: str = "llama", **kw) -> tuple[LoadedModel, MoEModel]:
+    """(LoadedModel converted in place, its MoEModel)."""
     loaded = loaded_tiny(model_type)
-    return loaded, convert(loaded, random_batches(32, 48), tiny_config(**kw))
+    return loaded, convert_tiny(loaded, **kw)
 
 
 _FOLDERS: dict[int, Path] = {}
@@ -73,15 +96,13 @@ def shared_analysis_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build_analysis_folder(target: Path) -> Path:
-    from moefy.checkpoint import save_converted
-
     profile = sparsity_profile(loaded_tiny("llama"), random_batches(), eps=(0.01, 0.1, 0.3))
     relu = loaded_tiny("bert")
     swap_activation(relu, "relu")
     relu_profile = sparsity_profile(relu, random_batches(), eps=(0.01, 0.1, 0.3), label="tiny-bert ReLU (synthetic)",
                                     note="synthetic reference for the test")
-    loaded, result = converted_tiny("llama")
-    folder = save_converted(result, target)
+    loaded, moe = converted_tiny("llama")
+    folder = moe.save(target)
     out = folder / "analysis"
     save_result(profile, out, "sparsity-tiny-llama")
     save_result(relu_profile, out, "sparsity-tiny-bert-relu")
