@@ -23,16 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from gate_selection import fit_gate_estimate, gate_estimate_score  # a sibling script
 from torch import Tensor
 
 from moefy.api import calibration_batches
 from moefy.calibrate import calibrate_blockwise
+from moefy.errors import InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn
 from moefy.flops import FFNShape, k_for_budget
 from moefy.kernels import ExpertWeights
 from moefy.models import load_model
+from moefy.neuron_selection import fit_gate_estimate, neuron_selection_ffn
 from moefy.routers import MLPRouter, expert_targets, fit_router, topk_recall
 from moefy.specs import find_blocks
 from moefy.text import bundled_text, tokenize_text
@@ -94,25 +95,22 @@ def expert_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, a: Tensor, mean: Tensor
 
 
 def gate_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, y: Tensor, budgets: list[float]) -> list[dict]:
-    """Neuron-level selection from the exact gate (gated FFNs; gate + kept up/down rows = budget)."""
-    est = fit_gate_estimate(ffn, xc)
-    ge = xe @ ffn.w_gate.t()
-    act_g = ffn.act(ge)
-    ae = act_g * (xe @ ffn.w_up.t())
-    scores = {
-        "CATS: largest act(gate) magnitudes, zero r": (act_g.abs(), torch.zeros_like(est["mean"])),
-        "gate estimate, mean r": (gate_estimate_score(est, ge, act_g), est["mean"]),
-    }
+    """Neuron-level selection from the exact gate, per-token top-k at each FFN FLOPs budget
+    (`moefy.neuron_selection`; gate + scores + kept up/down rows within the budget)."""
+    methods = {"cats": "CATS: largest act(gate) magnitudes, zero r", "gate-estimate": "gate estimate, mean r"}
+    estimate = fit_gate_estimate(ffn, xc)
+    b_down = 0 if ffn.b_down is None else ffn.b_down
     rows = []
     for budget in budgets:
-        keep = (3 * budget - 1) / 2  # (1 + 2f)/3 = budget
-        if keep <= 0:
-            continue
-        k = int(keep * ffn.d_ff)
-        for name, (s, r) in scores.items():
-            m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, torch.topk(s, k, 1).indices, True)
-            err = _relative(torch.where(m, ae, r) @ ffn.w_down.t(), y)
-            rows.append({"lever": "neuron-level gate", "setting": name, "budget": budget, "top_k": k, "router_error": err})
+        for method, name in methods.items():
+            calibration = estimate if method == "gate-estimate" else xc
+            try:
+                module = neuron_selection_ffn(ffn, calibration, method=method, selection="top-k", budget=budget)
+            except InvalidArgumentError:  # the full gate alone exceeds the budget
+                continue
+            err = _relative(module(xe) - b_down, y)
+            rows.append({"lever": "neuron-level gate", "setting": name, "budget": budget, "top_k": module.top_k,
+                         "router_error": err})
     return rows
 
 

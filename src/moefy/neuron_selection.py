@@ -291,8 +291,8 @@ def install_neuron_selection(
     ]
     for (name, block), module in zip(blocks, modules, strict=True):
         swap_ffn(block, spec, module)
-        log.info("%s: %s, %s, %s", name, method, selection,
-                 f"top-{module.top_k}" if module.top_k is not None else f"threshold {module.threshold:.4g}")
+        log.debug("%s: %s", name, f"top-{module.top_k}" if module.top_k is not None else f"threshold {module.threshold:.4g}")
+    log.info("installed %s (%s) neuron selection in %d FFNs", method, selection, len(modules))
     return modules
 
 
