@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from moefy.api import calibration_batches, evaluate_model, k_for_model_budget
-from moefy.baselines import apply_cats
 from moefy.convert import (
     ConvertConfig,
     configure,
@@ -34,6 +33,7 @@ from moefy.convert import (
 from moefy.errors import InvalidArgumentError
 from moefy.importance import set_static_importance, taylor_importance
 from moefy.models import load_model
+from moefy.neuron_selection import install_neuron_selection, neuron_selection_flops_fraction
 
 log = logging.getLogger("quality_grid")
 
@@ -142,14 +142,12 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
     for budget in budgets if cats else []:
         cats = load_model(name)
         try:
-            layers = apply_cats(cats.model, cats.spec, samples, budget)
+            layers = install_neuron_selection(cats.model, cats.spec, samples, method="cats", budget=budget)
         except InvalidArgumentError:  # the full gate (or first projection) alone exceeds the budget
             rows.append({**base, "method": "CATS-style threshold", "budget": budget, "note": "infeasible: the full gate costs more"})
             continue
         q = _quality(cats, reference, eval_sequences)
-        kept = sum(m.kept for m in layers) / max(1, sum(m.seen for m in layers))
-        gated = layers[0].ffn.gated
-        frac = (1 + 2 * kept) / 3 if gated else (1 + kept) / 2
+        frac = neuron_selection_flops_fraction(layers)
         rows.append({**base, "method": "CATS-style threshold", "budget": budget, "ffn_flops_fraction": frac, **q})
         log.info("CATS: %s", rows[-1])
     return {"model": name, "eval_sequences": eval_sequences, "rows": rows}

@@ -38,9 +38,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from moefy.convert import ffn_shape
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
-from moefy.flops import FFNShape, dense_ffn_flops, kept_fraction_for_budget, neuron_selection_flops
+from moefy.flops import dense_ffn_flops, kept_fraction_for_budget, neuron_selection_flops
 from moefy.specs import ArchSpec, find_blocks
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,6 @@ log = logging.getLogger(__name__)
 METHODS = ("cats", "gate-estimate")
 SELECTIONS = ("threshold", "top-k")
 MAX_THRESHOLD_SCORES = 4_000_000  # scores used to calibrate a threshold (evenly strided rows)
-
-
-def ffn_shape(ffn: FFNWeights) -> FFNShape:
-    return FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
 
 
 def gate_preactivation(ffn: FFNWeights, x: Tensor) -> Tensor:
