@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 
-from moefy.api import calibration_batches, configure, convert_model, evaluate_model
-from moefy.checkpoint import is_converted_checkpoint, load_converted, save_converted
+from moefy.api import calibration_batches, convert, evaluate_model
+from moefy.convert import configure
 from moefy.finetune import finetune_routers
+from moefy.moe_model import MoEModel
+from moefy.plan import is_plan_folder
+from moefy.settings import ConvertConfig
 from moefy.text import split_batches
 
 log = logging.getLogger("finetune_routers")
@@ -52,15 +55,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if is_converted_checkpoint(args.checkpoint):
-        converted = load_converted(args.checkpoint)
+    if is_plan_folder(args.checkpoint):
+        converted = MoEModel.from_pretrained(args.checkpoint)
         log.info("loaded the converted model from %s", args.checkpoint)
     else:
-        converted = convert_model(
-            args.model, num_experts=64, budget=0.5, calibration_sequences=16, router_epochs=5, sequential=False
-        )
-        save_converted(converted, args.checkpoint)
-        log.info("converted in %.0fs, saved to %s", converted.seconds, args.checkpoint)
+        config = ConvertConfig(num_experts=64, budget=0.5, shared_fraction=0.0, calibration_sequences=16,
+                               router_epochs=5, router_hidden=256, sequential=False)
+        converted = convert(args.model, config)
+        converted.save(args.checkpoint)
+        log.info("converted in %.0fs, saved to %s", converted.plan.seconds, args.checkpoint)
     convert_seconds = time.perf_counter() - t0
     loaded = converted.loaded
 
@@ -84,8 +87,8 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "benchmarks/finetune_routers.py", *sys.argv[1:]]),
         "model": args.model,
-        "conversion": converted.config.to_json(),
-        "top_k": converted.config.top_k,
+        "conversion": converted.plan.config.to_json(),
+        "top_k": converted.plan.layers[0].top_k,
         "threads": args.threads,
         "load_or_convert_seconds": round(convert_seconds, 1),
         "fine_tune_text": f"bundled calibration splits, {args.calibration_sequences} x 256 tokens",

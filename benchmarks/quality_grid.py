@@ -19,21 +19,16 @@ from pathlib import Path
 
 import torch
 
-from moefy.api import calibration_batches, evaluate_model, k_for_model_budget
-from moefy.convert import (
-    ConvertConfig,
-    configure,
-    convert,
-    ffn_flops_fraction,
-    moe_layers,
-    refit_routers,
-    set_representatives,
-    top_k_for_budget,
-)
+from moefy.api import calibration_batches, evaluate_model
+from moefy.convert import apply, configure, ffn_flops_fraction, ffn_shape, moe_layers, planned_top_k, search
 from moefy.errors import InvalidArgumentError
+from moefy.ffn import extract_ffn
 from moefy.importance import set_static_importance, taylor_importance
 from moefy.models import load_model
+from moefy.moe_model import MoEModel
 from moefy.neuron_selection import install_neuron_selection, neuron_selection_flops_fraction
+from moefy.settings import ConvertConfig, RuntimeConfig
+from moefy.specs import find_blocks
 
 log = logging.getLogger("quality_grid")
 
@@ -46,16 +41,6 @@ def _quality(target, reference, eval_sequences: int) -> dict:
             if key in s:
                 out[f"{s['split']}_{key}"] = s[key]
     return out
-
-
-def _static_k(model, budget: float) -> int:
-    """k for static/oracle rows: the budget without router FLOPs."""
-    saved = [(m.selection, m.top_k) for m in moe_layers(model)]
-    configure(model, selection="static")
-    k = top_k_for_budget(model, budget)
-    for m, (sel, kk) in zip(moe_layers(model), saved, strict=True):
-        m.configure(selection=sel, top_k=kk)
-    return k
 
 
 class _Rows(list):
@@ -94,33 +79,30 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
     for n, sh in zip(expert_counts, shared, strict=True):
         loaded = load_model(name)
         batches = calibration_batches(loaded, None, calibration_sequences)
-        config = ConvertConfig(num_experts=n, top_k=n // 2, method="kmeans", shared_fraction=sh, sequential=False)
-        ks = [k_for_model_budget(loaded, config, b) for b in budgets]  # routers trained for each budget's k
-        routed = n - round(sh * n)
-        config.top_k = ks[len(ks) // 2]
-        config.router_k_fractions = tuple((k - round(sh * n)) / routed for k in ks)
-        t0 = time.perf_counter()
-        conv = convert(loaded, batches, config, keep_calibration=True)
-        log.info("converted %d experts in %.0f s", n, time.perf_counter() - t0)
-        if samples is None:
-            samples = [c.sample_x for c in conv.calibrations]
+        shape = ffn_shape(extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec))
+        base_config = ConvertConfig(num_experts=n, method="kmeans", shared_fraction=sh, sequential=False,
+                                    calibration_sequences=calibration_sequences)
+        ks = [planned_top_k(shape, base_config.replace(budget=b)) for b in budgets]  # routers trained for each k
+        routed = n - base_config.num_shared
         label = f"{n} experts" + (f" + {int(sh * 100)}% shared" if sh else "")
-        if loaded.is_causal:
-            set_static_importance(conv.model, taylor_importance(conv.model, batches[:4]))
-            static_label = "static Taylor/SNIP importance"
-        else:
-            static_label = "static mean residual norm"
+        static_label = "static Taylor/SNIP importance" if loaded.is_causal else "static mean residual norm"
         for reps in ("mean", "zero"):
-            if reps == "zero":
-                set_representatives(conv.model, "zero")
-                refit_routers(conv, ks)
+            config = base_config.replace(
+                budget=None, top_k=ks[len(ks) // 2], representatives=reps,
+                router_k_fractions=tuple((k - base_config.num_shared) / routed for k in ks),
+            )
+            t0 = time.perf_counter()
+            plan = search(loaded, batches, config)  # sequential=False: the model stays dense
+            apply(loaded, plan, RuntimeConfig())
+            conv = MoEModel(loaded=loaded, plan=plan)
+            log.info("converted %d experts (%s r) in %.0f s", n, reps, time.perf_counter() - t0)
+            if loaded.is_causal and reps == "mean":
+                set_static_importance(conv.model, taylor_importance(conv.model, batches[:4]))
             for budget in budgets:
-                configure(conv.model, selection="router")
-                k_router = top_k_for_budget(conv.model, budget)
-                configure(conv.model, top_k=k_router)
-                record(conv, f"{label}, {reps} r, trained router", budget, n, k_router)
-                k_static = _static_k(conv.model, budget)
-                configure(conv.model, top_k=k_static, selection="oracle")
+                conv.configure(RuntimeConfig(budget=budget))
+                record(conv, f"{label}, {reps} r, trained router", budget, n, moe_layers(conv.model)[0].top_k)
+                conv.configure(RuntimeConfig(budget=budget, selection="oracle"))
+                k_static = moe_layers(conv.model)[0].top_k  # the budget without router FLOPs
                 record(conv, f"{label}, {reps} r, oracle (upper bound)", budget, n, k_static)
                 if reps == "mean":
                     configure(conv.model, selection="static")
@@ -129,9 +111,9 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
                 g = torch.Generator().manual_seed(0)
                 set_static_importance(conv.model, [torch.rand(m.num_experts, generator=g) for m in moe_layers(conv.model)])
                 for budget in budgets:
-                    k_static = _static_k(conv.model, budget)
-                    configure(conv.model, top_k=k_static, selection="static")
-                    record(conv, f"{label}, mean r, static random", budget, n, k_static)
+                    conv.configure(RuntimeConfig(budget=budget, selection="static"))
+                    record(conv, f"{label}, mean r, static random", budget, n, moe_layers(conv.model)[0].top_k)
+            loaded = load_model(name)  # a fresh dense base for the next search
         del conv, loaded
     # CATS-style thresholding at the same FFN FLOPs, on dense-model FFN inputs
     if cats and samples is None:

@@ -28,7 +28,7 @@ from moefy.kernels import ExpertWeights
 from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
 from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_sha256
-from moefy.routers import expert_targets, fit_router, router_flops_per_token
+from moefy.routers import ExpertRouter, expert_targets, fit_router, router_flops_per_token
 from moefy.settings import ConvertConfig, RuntimeConfig
 from moefy.specs import find_blocks
 from moefy.text import TokenBatch
@@ -113,7 +113,7 @@ def base_identity(loaded: LoadedModel) -> BaseIdentity:
     """The dense model's identity, read before any FFN is converted."""
     ffns = [extract_ffn(b, loaded.spec) for _, b in find_blocks(loaded.model, loaded.spec)]
     return BaseIdentity(
-        name=loaded.name, model_type=loaded.model.config.model_type, num_layers=len(ffns),
+        name=loaded.name, model_type=str(loaded.model.config.model_type), num_layers=len(ffns),
         d_model=ffns[0].d_model, d_ff=ffns[0].d_ff, ffn_sha256=ffn_sha256(ffns),
     )
 
@@ -236,7 +236,7 @@ def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
         raise InvalidArgumentError(f"layer {lp.index}: the plan is for an FFN of width {lp.perm.shape[0]}, not {ffn.d_ff}")
     experts = ExpertWeights.from_ffn(ffn, lp.perm, lp.num_experts)
     dtype = experts.w_out.dtype
-    router = None if lp.router is None else lp.router.to(dtype)
+    router = None if lp.router is None else ExpertRouter(lp.router.to(dtype), top_k=max(0, lp.top_k - lp.num_shared))
     return MoEFFN(
         experts=experts, representatives=lp.representatives.to(dtype), b_out=ffn.b_down, router=router,
         num_shared=lp.num_shared, importance=lp.importance, kernel=runtime.kernel,

@@ -2,8 +2,9 @@
 
 Dimension legend: T tokens, E experts, R = E − num_shared routed experts, K selected per token.
 
-Top-k selection has no gradient, so each selected routed expert gets a straight-through gate
-(`MoEFFN.train_router_scale`; Bengio et al. 2013's estimator, as in the gates of Switch/ST-MoE):
+Top-k selection has no gradient, so each selected routed expert gets a straight-through gate (the
+weights of `moefy.routers.ExpertRouter` in training mode; Bengio et al. 2013's estimator, as in the
+gates of Switch/ST-MoE):
 
     y = M + Σ_{e∈S} g_e (v_e − m_e),     g_e = 1 + p_e − sg(p_e),     p = softmax(router logits)  (R,)
 
@@ -19,8 +20,8 @@ the weights do not depend on depth. Everything but the routers (and, optionally,
 representatives r, whose static vectors m_e = r_e W_out[e] are refreshed afterwards) is frozen.
 
 Load balance is measured before and after, per layer, as max load / mean load and CV² of the
-routed experts' token counts. Router logits are captured with forward hooks on the routers;
-nothing is stored on the modules.
+routed experts' token counts. The routing of every layer is read from the forward pass itself:
+each MoE layer keeps its router's latest `RouterOutput` (`MoEFFN.last_routing`); no hooks, no flags.
 """
 
 from __future__ import annotations
@@ -31,17 +32,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moefy.convert import ConvertedModel, moe_layers
+from moefy.convert import moe_layers
 from moefy.errors import InvalidArgumentError
 from moefy.layers.losses import cv_squared, expert_counts, router_z_loss, switch_balance_loss
+from moefy.layers.routers import RouterOutput
 from moefy.moe_ffn import MoEFFN
+from moefy.moe_model import MoEModel
 from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -113,26 +115,12 @@ def next_token_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=-100)
 
 
-def routed_indices(m: MoEFFN, idx: Tensor) -> Tensor:
-    """A layer's selection (T, K) -> its routed slots as routed-expert ids (T, K − ns), -1 kept."""
-    routed = idx[:, m.num_shared :]
-    return torch.where(routed >= 0, routed - m.num_shared, routed)
+def router_losses(routing: RouterOutput) -> tuple[Tensor, Tensor]:
+    """(Switch balance loss, z-loss) of one routing step, over the routed experts."""
+    return switch_balance_loss(routing.probs, routing.idx), router_z_loss(routing.logits.float())
 
 
-def routed_logits(m: MoEFFN, router_output: Tensor) -> Tensor:
-    """A router's output -> the logits of the routed experts (T, R) (as `MoEFFN.router_logits`)."""
-    out = router_output.reshape(-1, router_output.shape[-1])
-    return out[:, m.num_shared :] if out.shape[-1] == m.num_experts else out
-
-
-def router_losses(m: MoEFFN, router_output: Tensor) -> tuple[Tensor, Tensor]:
-    """(Switch balance loss, z-loss) of one router call, over the routed experts."""
-    logits = routed_logits(m, router_output).float()  # (T, R)
-    idx = routed_indices(m, m.select_routed(logits.detach()))  # (T, K − ns)
-    return switch_balance_loss(torch.softmax(logits, dim=-1), idx), router_z_loss(logits)
-
-
-# ---- hooks ------------------------------------------------------------------------------------
+# ---- layers ------------------------------------------------------------------------------------
 def routed_layers(model: nn.Module) -> list[MoEFFN]:
     """The MoE layers whose experts a router picks (selection 'router', fewer than all experts)."""
     return [
@@ -141,20 +129,9 @@ def routed_layers(model: nn.Module) -> list[MoEFFN]:
     ]
 
 
-@contextmanager
-def router_tap(layers: Sequence[MoEFFN]) -> Iterator[dict[int, list[Tensor]]]:
-    """Forward hooks on the layers' routers: yields {layer index: [router outputs since last cleared]}."""
-    calls: dict[int, list[Tensor]] = {}
-
-    def record(i: int, module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        calls.setdefault(i, []).append(output)
-
-    handles = [m.router.register_forward_hook(partial(record, i)) for i, m in enumerate(layers)]  # type: ignore[union-attr]
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
+def last_routing(m: MoEFFN) -> RouterOutput:
+    assert m.last_routing is not None, "the layer has not run its router yet"
+    return m.last_routing
 
 
 @torch.no_grad()
@@ -163,16 +140,12 @@ def measure_load(model: nn.Module, layers: Sequence[MoEFFN], batches: Sequence[T
     counts = [torch.zeros(m.num_experts - m.num_shared) for m in layers]
     tokens = [0] * len(layers)
     device = next(model.parameters()).device
-    with router_tap(layers) as calls:
-        for batch in batches:
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-            for i, outputs in calls.items():
-                m = layers[i]
-                for out in outputs:
-                    idx = routed_indices(m, m.select_routed(routed_logits(m, out)))
-                    counts[i] += expert_counts(idx, m.num_experts - m.num_shared).cpu()
-                    tokens[i] += idx.shape[0]
-            calls.clear()
+    for batch in batches:
+        model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+        for i, m in enumerate(layers):
+            idx = last_routing(m).idx  # (T, K − ns) routed-expert ids, -1 = empty slot
+            counts[i] += expert_counts(idx, m.num_experts - m.num_shared).cpu()
+            tokens[i] += idx.shape[0]
     loads = []
     for i, c in enumerate(counts):
         ratio, cv2 = load_imbalance(c)
@@ -227,8 +200,7 @@ def _router_training(model: nn.Module, layers: Sequence[MoEFFN], train_represent
         for p in model.parameters():
             p.requires_grad_(False)
         for m in layers:
-            m.train()
-            m.train_router_scale = True
+            m.train()  # the router's straight-through gates are on in training mode
             for p in m.router.parameters():  # type: ignore[union-attr]
                 p.requires_grad_(True)
                 params.append(p)
@@ -240,7 +212,6 @@ def _router_training(model: nn.Module, layers: Sequence[MoEFFN], train_represent
         for p in params:
             p.grad = None
         for m in layers:
-            m.train_router_scale = False
             m.representatives.requires_grad_(False)
             m.refresh_static()
             m.reset_counters()
@@ -250,22 +221,22 @@ def _router_training(model: nn.Module, layers: Sequence[MoEFFN], train_represent
 
 
 def _step_losses(
-    model: nn.Module, layers: Sequence[MoEFFN], calls: dict[int, list[Tensor]], batch: TokenBatch
+    model: nn.Module, layers: Sequence[MoEFFN], batch: TokenBatch
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward pass: (next-token loss, balance loss and z-loss averaged over the router calls)."""
+    """One forward pass: (next-token loss, balance loss and z-loss averaged over the layers)."""
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    for m in layers:
+        m.last_routing = None
     lm = next_token_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
-    pairs = [router_losses(layers[i], out) for i, outs in calls.items() for out in outs]
-    calls.clear()
-    assert len(pairs) >= len(layers), "every routed layer runs its router once per forward"
+    pairs = [router_losses(last_routing(m)) for m in layers]
     balance = torch.stack([b for b, _ in pairs]).mean()
     z = torch.stack([z for _, z in pairs]).mean()
     return lm, balance, z
 
 
 def finetune_routers(
-    converted: ConvertedModel,
+    converted: MoEModel,
     batches: Sequence[TokenBatch],
     *,
     steps: int = 100,
@@ -302,13 +273,13 @@ def finetune_routers(
     t0 = time.perf_counter()
     data = _micro_batches(batches, batch_size, seed)
     tokens = 0
-    with _router_training(model, layers, train_representatives) as params, router_tap(layers) as calls, torch.enable_grad():
+    with _router_training(model, layers, train_representatives) as params, torch.enable_grad():
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
         bar = tqdm(range(steps), desc="fine-tuning routers", disable=not progress)
         for _ in bar:
             batch = next(data)
-            lm, balance, z = _step_losses(model, layers, calls, batch)
+            lm, balance, z = _step_losses(model, layers, batch)
             loss = lm + balance_weight * balance + z_weight * z
             opt.zero_grad(set_to_none=True)
             loss.backward()

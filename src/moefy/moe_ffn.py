@@ -14,10 +14,12 @@ norms ‖(a_e − r_e) W_down[:, e]ᵀ‖ — full cost, the upper bound), `stat
 set per layer, ranked by `importance`), `all` (every expert: reproduces the dense FFN).
 Experts 0..num_shared-1 are shared: always selected, counted in k.
 
-Router fine-tuning (`moefy.finetune`): with `train_router_scale` set, a layer in training mode
-multiplies each selected routed expert's *departure from its static vector*, v_e − m_e, by the
-straight-through gate g_e = 1 + p_e − sg(p_e), p = softmax of the router logits over the routed
-experts. Its value is 1, so the output is unchanged; its gradient reaches the router.
+The router is injected: a `moefy.routers.ExpertRouter` (the `moefy.layers.Router` contract) that
+returns a `RouterOutput` over the routed experts; the layer keeps the last one in `last_routing`
+for the losses of fine-tuning (`moefy.finetune`). Each selected routed expert's *departure from
+its static vector*, v_e − m_e, is multiplied by the router's weight: 1 at inference; in training
+the straight-through gate g_e = 1 + p_e − sg(p_e), whose value is 1 and whose gradient reaches the
+router. The expert kernel is injected by name from the `moefy.kernels` registry.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from torch import Tensor, nn
 
 from moefy.errors import InvalidArgumentError
 from moefy.kernels import ExpertWeights, get_kernel
+from moefy.layers.routers import RouterOutput
+from moefy.routers import ExpertRouter, select_top
 from moefy.settings import SELECTIONS
 
 _KEEP = object()  # configure(): leave this setting as it is
@@ -39,7 +43,7 @@ class MoEFFN(nn.Module):
         experts: ExpertWeights,
         representatives: Tensor,  # (E, S) r per neuron, expert-major
         b_out: Tensor | None,  # (D,)
-        router: nn.Module | None,
+        router: ExpertRouter | None,  # scores the routed experts (E − num_shared)
         top_k: int,
         num_shared: int = 0,
         importance: Tensor | None = None,  # (E,) for static selection
@@ -57,13 +61,13 @@ class MoEFFN(nn.Module):
         self.act = experts.act
         self.gated = experts.gated
         self.router = router
+        self.last_routing: RouterOutput | None = None  # the router's output in the latest forward
         self.register_buffer("importance", torch.zeros(e) if importance is None else importance.clone())
         self.register_buffer("static", torch.empty(0), persistent=False)  # (E, D) m_e cache
         self.refresh_static()
         self.num_experts, self.expert_size, self.d_model = e, s, d
         self.num_shared = num_shared
         self.kernel_name = kernel
-        self.train_router_scale = False  # straight-through router gate in training mode (moefy.finetune)
         self.tau: float | None = None
         self.configure(top_k=top_k, selection=selection, tau=tau)
         self.reset_counters()
@@ -84,11 +88,13 @@ class MoEFFN(nn.Module):
             if selection == "router" and self.router is None:
                 raise InvalidArgumentError("selection 'router' needs a trained router; this layer has none")
             self.selection = selection
-        if tau is _KEEP:
-            return
-        if tau is not None and not (isinstance(tau, int | float) and 0.0 < tau <= 1.0):
-            raise InvalidArgumentError(f"tau={tau} must be in (0, 1] (or None for a fixed k)")
-        self.tau = None if tau is None else float(tau)
+        if tau is not _KEEP:
+            if tau is not None and not (isinstance(tau, int | float) and 0.0 < tau <= 1.0):
+                raise InvalidArgumentError(f"tau={tau} must be in (0, 1] (or None for a fixed k)")
+            self.tau = None if tau is None else float(tau)
+        if self.router is not None:  # the router selects the routed part of k
+            self.router.top_k = self.top_k - self.num_shared
+            self.router.tau = self.tau
 
     def reset_counters(self) -> None:
         self.tokens_seen = 0
@@ -122,70 +128,23 @@ class MoEFFN(nn.Module):
         gram = torch.einsum("esd,erd->esr", self.w_out, self.w_out)  # (E, S, S)
         return torch.einsum("tes,esr,ter->te", u, gram, u).clamp_min(0).sqrt()
 
-    def _top_k(self, scores: Tensor, k: int) -> Tensor:
-        """Top-k routed experts (shared ones always in) from scores over all E experts: (T, k)."""
-        t = scores.shape[0]
+    def with_shared(self, routed_idx: Tensor) -> Tensor:
+        """Routed-expert ids (T, K − ns), -1 = empty slot -> layer expert ids (T, K), shared first."""
         ns = self.num_shared
-        shared = torch.arange(ns, device=scores.device).expand(t, ns)
-        routed = torch.topk(scores[:, ns:], k - ns, dim=-1).indices + ns
-        return torch.cat([shared, routed], dim=1)
-
-    def _dynamic_k(self, scores: Tensor) -> Tensor:
-        """Smallest prefix (by score) whose score mass reaches τ of the total, capped at top_k;
-        unused slots are -1."""
-        idx = self._top_k(scores, self.top_k)  # (T, K), shared first then routed by score
-        ns = self.num_shared
-        routed_scores = scores[:, ns:].clamp_min(0)
-        top = scores.gather(1, idx[:, ns:]).clamp_min(0)  # (T, K - ns) descending
-        mass = top.cumsum(1) / routed_scores.sum(1, keepdim=True).clamp_min(1e-12)
-        # keep slot j if the mass before it is still below tau (the first routed slot always kept)
-        before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
-        assert self.tau is not None
-        keep = before < self.tau
-        routed = torch.where(keep, idx[:, ns:], torch.full_like(idx[:, ns:], -1))
-        return torch.cat([idx[:, :ns], routed], dim=1)
+        shared = torch.arange(ns, device=routed_idx.device).expand(routed_idx.shape[0], ns)
+        return torch.cat([shared, torch.where(routed_idx >= 0, routed_idx + ns, routed_idx)], dim=1)
 
     def select(self, x: Tensor) -> Tensor:
-        """Selected experts per token: (T, K) int64, -1 = empty slot."""
+        """Selected experts per token: (T, K) int64, shared experts first, -1 = empty slot."""
         t = x.shape[0]
         if self.selection == "all" or self.top_k == self.num_experts:
             return torch.arange(self.num_experts, device=x.device).expand(t, -1)
-        if self.selection == "static":
-            scores = self.importance.to(x.dtype).expand(t, -1)
-        elif self.selection == "oracle":
-            scores = self.oracle_scores(x)
-        else:
-            return self.select_routed(self.router_logits(x))
-        return self._select_from_scores(scores)
-
-    def router_logits(self, x: Tensor) -> Tensor:
-        """The router's scores of the routed experts: (T, E − num_shared)."""
-        assert self.router is not None
-        scores = self.router(x).to(x.dtype)
-        if scores.shape[-1] == self.num_experts:  # a router that also scores the shared experts
-            scores = scores[:, self.num_shared :]
-        return scores
-
-    def select_routed(self, logits: Tensor) -> Tensor:
-        """Selection from router logits over the routed experts (T, E − num_shared): (T, K)."""
-        scores = torch.cat([logits.new_zeros(logits.shape[0], self.num_shared), logits], dim=1)  # (T, E)
-        return self._select_from_scores(scores)
-
-    def _select_from_scores(self, scores: Tensor) -> Tensor:
-        if self.tau is not None:
-            return self._dynamic_k(scores)
-        return self._top_k(scores, self.top_k)
-
-    def _straight_through_route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Selection (T, K) and straight-through gates (T, K): 1 + p_e − sg(p_e) on routed slots,
-        p = softmax over the routed experts' logits; 1 on shared and empty slots."""
-        logits = self.router_logits(x)  # (T, E − ns)
-        idx = self.select_routed(logits.detach())  # (T, K)
+        if self.selection == "router":
+            assert self.router is not None
+            return self.with_shared(self.router(x).idx)
         ns = self.num_shared
-        probs = torch.softmax(logits.float(), dim=-1)  # (T, E − ns)
-        p = probs.gather(1, (idx[:, ns:] - ns).clamp_min(0))  # (T, K − ns)
-        gate = 1.0 + p - p.detach()
-        return idx, torch.cat([gate.new_ones(x.shape[0], ns), gate], dim=1).to(x.dtype)
+        scores = self.importance.to(x.dtype).expand(t, -1) if self.selection == "static" else self.oracle_scores(x)
+        return self.with_shared(select_top(scores[:, ns:], self.top_k - ns, self.tau))
 
     # ---- forward --------------------------------------------------------------------------
     def dense_forward(self, x: Tensor) -> Tensor:
@@ -204,9 +163,13 @@ class MoEFFN(nn.Module):
                 self.tokens_seen += x2.shape[0]
                 self.experts_selected += x2.shape[0] * self.num_experts
             return self.dense_forward(x2).reshape(shape)
-        scale = None  # (T, K) straight-through gates while fine-tuning the router, else none (= 1)
-        if self.training and self.train_router_scale and self.selection == "router" and self.router is not None:
-            idx, scale = self._straight_through_route(x2)
+        scale = None  # (T, K) the router's straight-through gates while training, else none (= 1)
+        if self.selection == "router":
+            assert self.router is not None
+            routing = self.last_routing = self.router(x2)
+            idx = self.with_shared(routing.idx)  # (T, K)
+            if routing.weights.requires_grad:
+                scale = torch.cat([routing.weights.new_ones(x2.shape[0], self.num_shared), routing.weights], dim=1)
         else:
             idx = self.select(x2)  # (T, K)
         y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e

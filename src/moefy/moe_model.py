@@ -65,7 +65,7 @@ class MoEModel:
         for lp, m in zip(self.plan.layers, moe_layers(self.model), strict=True):
             lp.representatives = m.representatives.detach().float().cpu().clone()
             if m.router is not None:
-                lp.router = copy.deepcopy(m.router).float().cpu().eval()
+                lp.router = copy.deepcopy(m.router.scorer).float().cpu().eval()
         return self.plan
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -85,7 +85,7 @@ class MoEModel:
         self.sync_plan()
         with atomic_folder(out_dir, overwrite=overwrite) as tmp:
             dense.model.save_pretrained(tmp, safe_serialization=True)
-            dense.tokenizer.save_pretrained(tmp)
+            dense.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
             ModelPlan(
                 base=type(self.plan.base)(**{**self.plan.base.__dict__, "name": SELF}), config=self.plan.config,
                 layers=self.plan.layers, runtime=self.plan.runtime, seconds=self.plan.seconds, extra=self.plan.extra,

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from moefy.errors import InvalidArgumentError
 from moefy.kernels import ExpertWeights
+from moefy.layers.routers import RouterOutput
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +151,46 @@ def topk_recall(scores: Tensor, targets: Tensor, k: int) -> float:
     true = torch.topk(targets, k, dim=1).indices
     hit = torch.zeros_like(targets, dtype=torch.bool).scatter_(1, true, True).gather(1, pred)
     return float(hit.float().mean())
+
+
+def select_top(scores: Tensor, k: int, tau: float | None = None) -> Tensor:
+    """The k best-scoring experts per token, best first: (T, E) -> (T, k) int64. With `tau`
+    (dynamic k), only the shortest prefix whose positive score mass reaches τ of the total is kept
+    (the first always); the other slots are -1."""
+    top = torch.topk(scores, k, dim=-1)
+    if tau is None:
+        return top.indices
+    mass = top.values.clamp_min(0).cumsum(1) / scores.clamp_min(0).sum(1, keepdim=True).clamp_min(1e-12)
+    before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)  # mass before each slot
+    return torch.where(before < tau, top.indices, torch.full_like(top.indices, -1))
+
+
+class ExpertRouter(nn.Module):
+    """The router of a converted layer, in the `moefy.layers.Router` contract: tokens (T, D) ->
+    `RouterOutput` over the R routed experts (shared experts are the MoE layer's business).
+
+    `scorer` (an `MLPRouter`) predicts each routed expert's residual norm; the top `top_k` (or the
+    dynamic-k prefix of mass τ) are selected. Weights are 1 at inference; in training mode with
+    gradients on they are the straight-through gates g = 1 + p − sg(p), p = softmax(logits), whose
+    value is 1 (the forward is unchanged) and whose gradient reaches the scorer (`moefy.finetune`)."""
+
+    def __init__(self, scorer: MLPRouter, *, top_k: int, tau: float | None = None) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.num_experts = scorer.num_experts  # R routed experts
+        self.top_k = top_k
+        self.tau = tau
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        logits = self.scorer(x).to(x.dtype)  # (T, R)
+        idx = select_top(logits.detach(), self.top_k, self.tau)  # (T, K)
+        probs = torch.softmax(logits.float(), dim=-1)  # (T, R)
+        if self.training and torch.is_grad_enabled():
+            p = probs.gather(1, idx.clamp_min(0))
+            weights = (1.0 + p - p.detach()).to(x.dtype)
+        else:
+            weights = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
+        return RouterOutput(idx=idx, weights=weights, logits=logits, probs=probs)
+
+    def flops_per_token(self) -> int:
+        return self.scorer.flops_per_token()
