@@ -75,7 +75,7 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
                      "ffn_flops_fraction": frac, **extra, **q})
         log.info("%s (%.0f s): %s", label, time.perf_counter() - t, rows[-1])
 
-    samples = None
+    samples = None  # dense-model FFN inputs per layer, for the CATS thresholds
     for n, sh in zip(expert_counts, shared, strict=True):
         loaded = load_model(name)
         batches = calibration_batches(loaded, None, calibration_sequences)
@@ -122,13 +122,13 @@ def run_grid(name: str, expert_counts: list[int], shared: list[float], budgets: 
         batches = calibration_batches(dense, None, calibration_sequences)
         samples = [c.sample_x for c in calibrate_blockwise(dense.model, dense.spec, batches, sequential=False)]
     for budget in budgets if cats else []:
-        cats = load_model(name)
+        peer = load_model(name)
         try:
-            layers = install_neuron_selection(cats.model, cats.spec, samples, method="cats", budget=budget)
+            layers = install_neuron_selection(peer.model, peer.spec, samples, method="cats", budget=budget)
         except InvalidArgumentError:  # the full gate (or first projection) alone exceeds the budget
             rows.append({**base, "method": "CATS-style threshold", "budget": budget, "note": "infeasible: the full gate costs more"})
             continue
-        q = _quality(cats, reference, eval_sequences)
+        q = _quality(peer, reference, eval_sequences)
         frac = neuron_selection_flops_fraction(layers)
         rows.append({**base, "method": "CATS-style threshold", "budget": budget, "ffn_flops_fraction": frac, **q})
         log.info("CATS: %s", rows[-1])
