@@ -4,35 +4,36 @@ optionally r) change, the balance loss goes down, bad arguments are refused, and
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from moefy.cli_finetune import register
-from moefy.convert import ConvertConfig, ConvertedModel, configure, convert, moe_layers
-from moefy.errors import CheckpointError, InvalidArgumentError
+from moefy.convert import configure, moe_layers
+from moefy.errors import InvalidArgumentError
 from moefy.finetune import finetune_routers, load_imbalance, next_token_loss
 from moefy.kernels import KERNELS, reference_expert_ffn
-from tests.analysis_fixtures import loaded_tiny, random_batches
+from moefy.models import load_model
+from moefy.moe_model import MoEModel
+from moefy.plan import CONFIG_FILE, ModelPlan
+from tests.analysis_fixtures import convert_tiny, loaded_tiny, random_batches
+from tests.tiny_folders import calibration_text_file, save_tiny_folder
 from tests.tiny_models import model_output, tiny_inputs
 
 KERNEL = "auto" if "auto" in KERNELS else "reference"
 
 
-def _converted(model_type: str = "llama", **kw) -> ConvertedModel:
-    base = dict(
-        num_experts=8, top_k=4, sample_size=512, router_epochs=3, router_hidden=16, kernel=KERNEL,
-        sequential=False, shared_fraction=0.25,
-    )
-    base.update(kw)
-    converted = convert(loaded_tiny(model_type), random_batches(32, 48), ConvertConfig(**base))
+def _converted(model_type: str = "llama", **kw) -> MoEModel:
+    settings = dict(kernel=KERNEL, shared_fraction=0.25)  # 8 experts, k=4, MLP routers (tiny_settings)
+    settings.update(kw)
+    converted = convert_tiny(loaded_tiny(model_type), **settings)
     converted.model.zero_grad(set_to_none=True)  # router fitting leaves its last gradients behind
     return converted
 
 
-def _frozen_state(converted: ConvertedModel) -> dict[str, torch.Tensor]:
+def _frozen_state(converted: MoEModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in converted.model.state_dict().items() if ".router." not in k}
 
 
@@ -42,11 +43,12 @@ def test_straight_through_gate_keeps_forward_value() -> None:
     inputs = tiny_inputs(model)
     expected = model_output(model, inputs)
     for m in moe_layers(model):
-        m.train()
-        m.train_router_scale = True
-    torch.testing.assert_close(model_output(model, inputs), expected)
+        m.train()  # in training mode with gradients on, the router weights are the straight-through gates
     with torch.enable_grad():
-        model(**inputs).logits.square().mean().backward()
+        logits = model(**inputs).logits
+        assert all(m.last_routing is not None and m.last_routing.weights.requires_grad for m in moe_layers(model))
+        torch.testing.assert_close(logits.detach(), expected)
+        logits.square().mean().backward()
     for m in moe_layers(model):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.router.parameters())
         assert m.w_in.grad is None and m.w_out.grad is None
@@ -59,13 +61,13 @@ def test_gate_gradient_matches_eager_reference(model_type: str) -> None:
     x = torch.randn(10, m.d_model)
     w = torch.randn(10, m.d_model)
     m.train()
-    m.train_router_scale = True
     (m(x) * w).sum().backward()
     module_grads = [p.grad.clone() for p in m.router.parameters()]
     m.router.zero_grad()
 
-    logits = m.router(x)  # (T, R)
-    idx = m.select(x)  # (T, K)
+    m.eval()
+    logits = m.router.scorer(x)  # (T, R) the routed experts' scores
+    idx = m.select(x)  # (T, K) shared first
     ns = m.num_shared
     p = torch.softmax(logits, dim=-1).gather(1, idx[:, ns:] - ns)  # (T, K − ns)
     gate = torch.cat([torch.ones(10, ns), 1 + p - p.detach()], dim=1)  # (T, K)
@@ -73,7 +75,6 @@ def test_gate_gradient_matches_eager_reference(model_type: str) -> None:
     for j in range(idx.shape[1]):
         v = reference_expert_ffn(x, m.expert_weights, idx[:, j : j + 1])  # (T, D)
         y = y + gate[:, j : j + 1] * (v - m.static[idx[:, j]])
-    m.eval()
     torch.testing.assert_close(y, m(x), rtol=1e-4, atol=1e-5)
     (y * w).sum().backward()
     for got, want in zip(module_grads, (q.grad for q in m.router.parameters()), strict=True):
@@ -94,7 +95,7 @@ def test_only_routers_change_and_state_is_restored() -> None:
     assert any(".net." in k for k in changed)
     assert all(".net." in k for k in changed)  # input standardisation buffers untouched
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert not model.training and all(not m.training and not m.train_router_scale for m in moe_layers(model))
+    assert not model.training and all(not m.training for m in moe_layers(model))
     assert len(report.loss) == len(report.lm_loss) == len(report.balance_loss) == len(report.z_loss) == 4
     assert all(math.isfinite(v) for v in report.loss)
     assert len(report.load_before) == len(report.load_after) == 2
@@ -162,31 +163,30 @@ def test_nothing_to_finetune_raises() -> None:
         finetune_routers(encoder, random_batches(), steps=1)
 
 
-def _run_cli(argv: list[str]) -> int:
-    """`moefy <argv>` with the finetune subcommand registered (as moefy.cli does)."""
-    parser = argparse.ArgumentParser(prog="moefy")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def test_cli_finetune_saves_a_plan(tmp_path: Path, capsys) -> None:
+    from moefy.cli import main
 
-
-def test_cli_finetune_saves_a_checkpoint(tmp_path, monkeypatch, capsys) -> None:
-    from moefy.checkpoint import load_converted, read_checkpoint_config, save_converted
-
-    converted = _converted()
-    ckpt = save_converted(converted, tmp_path / "ckpt")
-    monkeypatch.setattr("moefy.checkpoint.load_model", lambda name: loaded_tiny("llama"))
-    monkeypatch.setattr("moefy.api.calibration_batches", lambda loaded, files, n: random_batches(n))
+    folder = save_tiny_folder(tmp_path / "tiny-llama")
+    text = calibration_text_file(tmp_path / "text.txt", chars=4000)
+    ckpt = convert_tiny(load_model(str(folder)), kernel=KERNEL, shared_fraction=0.25).save(tmp_path / "ckpt")
+    before = ModelPlan.load(ckpt)
     out = tmp_path / "tuned"
-    argv = ["finetune", str(ckpt), "--out", str(out), "--steps", "2", "--calibration-sequences", "4", "--batch-size", "2"]
-    assert _run_cli(argv) == 0
+    argv = ["finetune", str(ckpt), "--out", str(out), "--steps", "2", "--calibration-text", str(text),
+            "--calibration-sequences", "4", "--batch-size", "2"]
+    assert main(argv) == 0
     assert "max/mean before" in capsys.readouterr().out
-    meta = read_checkpoint_config(out)
-    assert meta["router_finetune"]["steps"] == 2
-    load_converted(out)  # loads strictly
-    with pytest.raises(CheckpointError, match="already exists"):
-        _run_cli(argv)
-    with pytest.raises(InvalidArgumentError, match="steps=0"):
-        _run_cli(["finetune", str(ckpt), "--out", str(tmp_path / "x"), "--steps", "0"])
-    with pytest.raises(CheckpointError, match="not a converted checkpoint"):
-        _run_cli(["finetune", str(tmp_path), "--out", str(tmp_path / "y")])
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    assert meta["extra"]["router_finetune"]["steps"] == 2
+    tuned = MoEModel.from_pretrained(out)  # loads strictly, onto the base it records
+    for a, b in zip(before.layers, tuned.plan.layers, strict=True):
+        assert torch.equal(a.perm, b.perm) and torch.equal(a.representatives, b.representatives)
+        assert torch.equal(a.importance, b.importance)
+        changed = [k for k, v in a.router.state_dict().items() if not torch.equal(v, b.router.state_dict()[k])]
+        assert changed and all(k.startswith("net.") for k in changed)  # only the routers' weights trained
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["finetune", str(ckpt), "--out", str(tmp_path / "x"), "--steps", "0", "--calibration-text", str(text)]) == 2
+    assert "steps=0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["finetune", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    assert "is not a converted folder" in capsys.readouterr().err

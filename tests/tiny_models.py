@@ -162,8 +162,9 @@ def case_id(case: tuple[str, str | None]) -> str:
     return model_type if variant is None else f"{model_type}-{variant}"
 
 
-def tiny_config(model_type: str, variant: str | None = None) -> transformers.PretrainedConfig:
-    """The config of `tiny_model(model_type, variant)`."""
+def tiny_config(model_type: str, variant: str | None = None, **overrides: Any) -> transformers.PretrainedConfig:
+    """The config of `tiny_model(model_type, variant)`; `overrides` replace config values (e.g.
+    max_position_embeddings)."""
     if model_type == "gemma3":
         return _gemma3_config()
     if model_type not in _TINY:
@@ -173,9 +174,8 @@ def tiny_config(model_type: str, variant: str | None = None) -> transformers.Pre
     if variant is not None and variant not in variants:
         raise KeyError(f"no variant {variant!r} of {model_type!r}; known: {sorted(variants)}")
     extra = variants[variant or next(iter(variants))] if variants else {}
-    return transformers.AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, initializer_range=INIT_STD, **kwargs, **extra
-    )
+    values = {"vocab_size": VOCAB, "initializer_range": INIT_STD, **kwargs, **extra, **overrides}
+    return transformers.AutoConfig.for_model(model_type, **values)
 
 
 def _gemma3_config() -> transformers.PretrainedConfig:
@@ -191,9 +191,12 @@ def _gemma3_config() -> transformers.PretrainedConfig:
     return transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4)
 
 
-def tiny_model(model_type: str, variant: str | None = None, seed: int = 0) -> transformers.PreTrainedModel:
-    """A tiny random model of `model_type` (eval mode, fp32, eager attention), the same for the same seed."""
-    config = tiny_config(model_type, variant)
+def tiny_model(
+    model_type: str, variant: str | None = None, seed: int = 0, **overrides: Any
+) -> transformers.PreTrainedModel:
+    """A tiny random model of `model_type` (eval mode, fp32, eager attention), the same for the same
+    seed; `overrides` go to `tiny_config`."""
+    config = tiny_config(model_type, variant, **overrides)
     config._attn_implementation = "eager"
     cls_name = "Gemma3ForConditionalGeneration" if model_type == "gemma3" else _TINY[model_type][1]
     cls = getattr(transformers, cls_name)
