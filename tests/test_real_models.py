@@ -11,6 +11,8 @@ from moefy import api
 from moefy.cli import main
 from moefy.convert import configure, ffn_flops_fraction, moe_layers
 from moefy.models import load_model
+from moefy.moe_model import MoEModel
+from moefy.settings import ConvertConfig
 from moefy.text import bundled_text, tokenize_text
 
 pytestmark = pytest.mark.slow
@@ -32,16 +34,17 @@ def test_smollm_dense_perplexity_is_sane(smollm) -> None:
     assert 1.5 < ppl < 60
 
 
-def test_smollm_conversion_all_experts_is_exact_then_sparse() -> None:
+def test_smollm_conversion_all_experts_is_exact_then_sparse(tmp_path) -> None:
     loaded = load_model("smollm2-135m")
     ids = tokenize_text(bundled_text("english", "evaluation"), loaded.tokenizer, 64, 2).input_ids
     with torch.no_grad():
         dense = loaded.model(input_ids=ids).logits
-    converted = api.convert_model(
-        loaded, num_experts=32, top_k=16, method="contiguous", calibration_sequences=4, sample_size=512,
-        router_epochs=2, router_hidden=32, sequential=False,
+    config = ConvertConfig(
+        num_experts=32, top_k=16, budget=None, method="contiguous", shared_fraction=0.0, calibration_sequences=4,
+        sample_size=512, router_epochs=2, router_hidden=32, sequential=False,
     )
-    assert len(moe_layers(converted.model)) == 30
+    converted = api.convert(loaded, config)
+    assert len(moe_layers(converted.model)) == len(converted.plan.layers) == 30
     configure(converted.model, top_k=32)  # every expert: the dense model
     with torch.no_grad():
         torch.testing.assert_close(converted.model(input_ids=ids).logits, dense, rtol=1e-3, atol=2e-3)
@@ -49,8 +52,26 @@ def test_smollm_conversion_all_experts_is_exact_then_sparse() -> None:
     with torch.no_grad():
         half = converted.model(input_ids=ids).logits
     assert torch.isfinite(half).all() and not torch.allclose(half, dense, atol=1e-2)
-    configure(converted.model, selection="router")
+    converted.configure(selection="router", top_k=16)
     assert ffn_flops_fraction(converted.model, measured=False) < 0.6
+    with torch.no_grad():
+        routed = converted.model(input_ids=ids).logits
+
+    # the adapter finds the bundled base by name; the export is standalone
+    adapter = converted.save(tmp_path / "adapter")
+    assert {p.name for p in adapter.iterdir()} == {"moefy.json", "plan.safetensors"}
+    assert (adapter / "plan.safetensors").stat().st_size < 0.05 * sum(
+        p.numel() * p.element_size() for n, p in load_model("smollm2-135m").model.named_parameters() if ".mlp." in n
+    )
+    again = MoEModel.from_pretrained(adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(input_ids=ids).logits, routed, rtol=0, atol=0)
+    standalone = converted.export(tmp_path / "standalone")
+    assert {"config.json", "model.safetensors", "moefy.json", "plan.safetensors"} <= {p.name for p in standalone.iterdir()}
+    exported = MoEModel.from_pretrained(standalone)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model(input_ids=ids).logits, routed, rtol=0, atol=0)
+    assert exported.tokenizer("hello world").input_ids == loaded.tokenizer("hello world").input_ids
 
 
 def test_minilm_cli_eval_json(tmp_path, capsys) -> None:
@@ -69,6 +90,6 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys) -> None:
     existing.mkdir()
     assert main(["convert", "minilm-l6", "--out", str(existing), "--experts", "64", "--top-k", "8"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["convert", "minilm-l6", "--out", str(tmp_path / "o2"), "--experts", "100", "--top-k", "8"]) == 2
+    assert main(["convert", "minilm-l6", "--out", str(tmp_path / "o2"), "--experts", "100", "--top-k", "16"]) == 2
     assert "does not divide the FFN width 1536" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
