@@ -28,7 +28,7 @@ from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)
+from moefy.settings import DEFAULT_EPS  # noqa: E402, F401 - one definition, re-exported
 
 
 @dataclass
@@ -133,8 +133,15 @@ class TokenReservoir:
         positions = torch.arange(self.seen + 1, self.seen + x.shape[0] + 1, dtype=torch.float64)
         u = torch.rand(x.shape[0], generator=self.generator, dtype=torch.float64)
         keep = u < self.capacity / positions
-        slots = torch.randint(0, self.capacity, (int(keep.sum()),), generator=self.generator)
-        self.rows[slots] = x[keep]
+        kept = x[keep]  # (n, d) in stream order
+        slots = torch.randint(0, self.capacity, (kept.shape[0],), generator=self.generator)
+        # a slot drawn twice keeps the later row, as the sequential algorithm would (an indexed
+        # assignment with duplicate indices leaves the winner unspecified, and it varies with threads)
+        last = torch.full((self.capacity,), -1, dtype=torch.long).scatter_reduce(
+            0, slots, torch.arange(kept.shape[0]), reduce="amax"
+        )
+        filled = last >= 0
+        self.rows[filled] = kept[last[filled]]
         self.seen += x.shape[0]
 
 

@@ -219,6 +219,10 @@ def runtime_top_k(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> int
 
 def _layer_settings(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> dict:
     k = runtime_top_k(lp, shape, runtime)
+    if not max(1, lp.num_shared) <= k <= lp.num_experts:
+        raise InvalidArgumentError(
+            f"--top-k {k} must be between {max(1, lp.num_shared)} (the shared experts) and {lp.num_experts} (layer {lp.index})"
+        )
     selection = runtime.selection
     if selection == "router" and lp.router is None:
         if k < lp.num_experts:
@@ -251,13 +255,22 @@ def apply(loaded: LoadedModel, plan: ModelPlan, runtime: RuntimeConfig | None = 
     blocks = find_blocks(loaded.model, loaded.spec)
     if len(blocks) != len(plan.layers):
         raise InvalidArgumentError(f"the plan has {len(plan.layers)} layers; the model has {len(blocks)}")
+    # build every new module (and check every setting) before the first swap: a refused plan or
+    # runtime leaves the model as it was
+    swaps: list[tuple[nn.Module, MoEFFN]] = []
+    for (_name, block), lp in zip(blocks, plan.layers, strict=True):
+        existing = block_moe(block)
+        if existing is None:
+            swaps.append((block, build_moe(extract_ffn(block, loaded.spec), lp, runtime)))
+        else:
+            _layer_settings(lp, layer_shape(existing), runtime)  # validates
     for (_name, block), lp in zip(blocks, plan.layers, strict=True):
         existing = block_moe(block)
         if existing is not None:
             existing.kernel_name = runtime.kernel
             existing.configure(**_layer_settings(lp, layer_shape(existing), runtime))
-        else:
-            swap_ffn(block, loaded.spec, build_moe(extract_ffn(block, loaded.spec), lp, runtime))
+    for block, moe in swaps:
+        swap_ffn(block, loaded.spec, moe)
     guard_save_pretrained(loaded.model)
     plan.runtime = runtime
     return loaded.model

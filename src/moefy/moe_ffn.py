@@ -2,7 +2,7 @@
 
 Legend: T tokens, D model width, E experts, S neurons per expert, K selected experts.
 
-    y = Σ_{e∈S(x)} v_e(x) + (M − Σ_{e∈S(x)} m_e) + b_down            (DESIGN.md)
+    y = Σ_{e∈S(x)} v_e(x) + (M − Σ_{e∈S(x)} m_e) + b_down            (docs/DESIGN.md)
 
 v_e(x) = a_e(x) W_down[:, e]ᵀ is computed by an expert kernel that touches only the selected
 experts' weights; m_e = r_e W_down[:, e]ᵀ are the static embeddings of the representatives,

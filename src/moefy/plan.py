@@ -164,15 +164,18 @@ class ModelPlan:
             raise CheckpointError(f"{folder / PLAN_FILE}: cannot be read as safetensors ({e})") from None
         base = meta["base"]
         layers = [_layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
+        try:
+            config = ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE))
+            runtime = RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE))
+        except InvalidArgumentError as e:
+            raise CheckpointError(f"{folder / CONFIG_FILE}: invalid settings: {e}") from None
         used = {k for lp in layers for k in (f"layers.{lp.index}.{n}" for n in lp.tensors())}
         if leftover := sorted(set(tensors) - used):
             raise CheckpointError(f"{folder / PLAN_FILE}: tensors for no layer: {', '.join(leftover[:5])}")
         if [lp.index for lp in layers] != list(range(len(layers))) or len(layers) != base["num_layers"]:
             raise CheckpointError(f"{folder / CONFIG_FILE}: layers must be 0..{base['num_layers'] - 1} in order")
         return cls(
-            base=BaseIdentity(**base), config=ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE)),
-            runtime=RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE)),
-            layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
+            base=BaseIdentity(**base), config=config, runtime=runtime, layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
         )
 
 
@@ -244,6 +247,11 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
         raise CheckpointError(f"{where}: num_experts {n} / num_shared {ns} do not fit an FFN of width {h}")
     if not (isinstance(meta["top_k"], int) and max(1, ns) <= meta["top_k"] <= n):
         raise CheckpointError(f"{where}: top_k {meta['top_k']} must be in {max(1, ns)}..{n}")
+    tau = meta["tau"]
+    if tau is not None and not (isinstance(tau, int | float) and not isinstance(tau, bool) and 0 < tau <= 1):
+        raise CheckpointError(f"{where}: tau {tau!r} must be in (0, 1] or null")
+    if meta["router_hidden"] is not None and not (isinstance(meta["router_hidden"], int) and meta["router_hidden"] >= 0):
+        raise CheckpointError(f"{where}: router_hidden {meta['router_hidden']!r} must be an integer >= 0 or null")
     perm = get("perm", (h,), floating=False).long()
     if not torch.equal(torch.sort(perm).values, torch.arange(h)):
         raise CheckpointError(f"{where}: perm is not a permutation of 0..{h - 1}; the file is corrupt")

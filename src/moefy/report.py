@@ -22,8 +22,8 @@ from moefy import __version__
 from moefy.analysis.corpus import multilingual_source
 from moefy.analysis.results import FIGURES, AnalysisResults, load_folder
 from moefy.analysis.runner import AnalyzeOptions, analyze_conversion
-from moefy.checkpoint import read_checkpoint_config
-from moefy.convert import ConvertedModel
+from moefy.moe_model import MoEModel
+from moefy.plan import read_metadata
 from moefy.plots import NamedFigure, figures_from_folder, png_bytes
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _evaluation(folder: Path, meta: dict) -> dict | None:
             return json.loads(path.read_text())
         except ValueError:
             log.warning("%s is not valid JSON; ignoring it", path)
-    return meta.get("evaluation")
+    return meta["extra"].get("evaluation")
 
 
 def _quality_rows(evaluation: dict | None, results: AnalysisResults) -> list[list[object]]:
@@ -132,10 +132,12 @@ def _config_rows(meta: dict) -> list[list[object]]:
     base = meta.get("base", {})
     rows: list[list[object]] = [
         ["base model", base.get("name")], ["model type", base.get("model_type")],
-        ["parameters", base.get("num_parameters")], ["converted layers", len(meta.get("layers", []))],
+        ["FFN shape (d × h)", f"{base.get('d_model')} × {base.get('d_ff')}"],
+        ["converted layers", len(meta.get("layers", []))],
     ]
     rows += [[k, v] for k, v in meta.get("config", {}).items()]
-    rows.append(["conversion time (s)", meta.get("conversion_seconds")])
+    rows += [[f"runtime: {k}", v] for k, v in meta.get("runtime", {}).items()]
+    rows.append(["conversion time (s)", meta.get("search_seconds")])
     return rows
 
 
@@ -151,7 +153,7 @@ def _figure_html(fig: NamedFigure, png: bytes) -> str:
 def render_html(folder: str | Path, analysis_dir: str | Path | None = None, *, save_figures: bool = True) -> str:
     """The report page of a conversion folder, from saved results only."""
     folder = Path(folder)
-    meta = read_checkpoint_config(folder)
+    meta = read_metadata(folder)
     analysis = Path(analysis_dir) if analysis_dir is not None else folder / "analysis"
     results = load_folder(analysis)
     evaluation = _evaluation(folder, meta)
@@ -205,12 +207,12 @@ def write_report(
     compute: bool = True,
     recompute: bool = False,
     options: AnalyzeOptions | None = None,
-    converted: ConvertedModel | None = None,
+    converted: MoEModel | None = None,
     out: str | Path | None = None,
 ) -> Path:
     """Write FOLDER/report.html (or `out`) for a conversion folder; returns its path."""
     folder = Path(folder)
-    read_checkpoint_config(folder)  # a clear error for a folder that is not a conversion
+    read_metadata(folder)  # a clear error for a folder that is not a conversion
     if compute:
         analyze_conversion(folder, options=options, converted=converted, recompute=recompute)
     page = render_html(folder)

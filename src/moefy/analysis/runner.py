@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from moefy.calibrate import DEFAULT_EPS
-from moefy.convert import ConvertedModel
 from moefy.errors import MissingDependencyError
 from moefy.models import LoadedModel, load_model
+from moefy.moe_model import MoEModel
 from moefy.specs import find_blocks
 from moefy.text import TokenBatch, bundled_text, tokenize_text
 
@@ -104,12 +104,12 @@ def analyze_relu_reference(out: str | Path, options: AnalyzeOptions | None = Non
         return None
 
 
-def _layer_names(converted: ConvertedModel) -> list[str]:
+def _layer_names(converted: MoEModel) -> list[str]:
     return [name for name, _ in find_blocks(converted.model, converted.loaded.spec)]
 
 
 def analyze_converted_model(
-    converted: ConvertedModel, out: str | Path, options: AnalyzeOptions | None = None, *, name: str,
+    converted: MoEModel, out: str | Path, options: AnalyzeOptions | None = None, *, name: str,
     recompute: bool = False,
 ) -> dict[str, Path]:
     """Routing diagnostics, specialisation and cost of a converted model, saved in `out`."""
@@ -146,14 +146,14 @@ def analyze_converted_model(
 
 def analyze_conversion(
     folder: str | Path, out: str | Path | None = None, options: AnalyzeOptions | None = None, *,
-    converted: ConvertedModel | None = None, recompute: bool = False,
+    converted: MoEModel | None = None, recompute: bool = False,
 ) -> Path:
     """Every analysis of a converted checkpoint folder; results in `out` (default FOLDER/analysis)."""
-    from moefy.checkpoint import load_converted, read_checkpoint_config
+    from moefy.plan import read_metadata
 
     options = options or AnalyzeOptions()
     folder = Path(folder)
-    meta = read_checkpoint_config(folder)
+    meta = read_metadata(folder)
     out = Path(out) if out is not None else folder / "analysis"
     base_name = meta["base"]["name"]
     if recompute or not (out / f"{sparsity_stem(base_name)}.json").is_file():
@@ -168,6 +168,6 @@ def analyze_conversion(
             analyze_relu_reference(out, options)
     needed = [f"{s}.json" for s in (COST, ROUTING, SPECIALISATION)]
     if recompute or not all((out / n).is_file() for n in needed):
-        converted = converted if converted is not None else load_converted(folder)
+        converted = converted if converted is not None else MoEModel.from_pretrained(folder)
         analyze_converted_model(converted, out, options, name=f"{base_name} → MoE ({folder.name})", recompute=recompute)
     return out

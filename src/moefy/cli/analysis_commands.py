@@ -1,5 +1,5 @@
-"""The `analyze` and `report` subcommands. `register(sub)` adds them to moefy's CLI; each is a
-typed function whose docstring is its --help, and bad input raises a MoefyError."""
+"""The `analyze` and `report` commands: sparsity, routing, specialisation and cost analyses with
+figures, and the self-contained HTML report of a converted folder."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         analyze_dense,
         analyze_relu_reference,
     )
-    from moefy.checkpoint import is_converted_checkpoint
+    from moefy.plan import is_plan_folder
     from moefy.plots import figures_from_folder, save_png
 
     options = _options(args)
     outs: list[Path] = []
     for model in args.models:
-        if Path(model).is_dir() and is_converted_checkpoint(model):
+        if Path(model).is_dir() and is_plan_folder(model):
             out = Path(args.out) if args.out else Path(model) / "analysis"
             analyze_conversion(model, out, options, recompute=args.recompute)
         else:
@@ -94,21 +94,16 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--recompute", action="store_true", help="recompute analyses already saved")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the `analyze` and `report` subcommands to moefy's CLI."""
-    s = sub.add_parser("analyze", help="sparsity, routing, specialisation and cost analyses with figures",
-                       description=cmd_analyze.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_analyze(s: argparse.ArgumentParser) -> None:
     s.add_argument("models", nargs="+", metavar="MODEL", help="dense model (bundled name, folder, HF id) or converted folder")
     s.add_argument("--out", help=f"results folder (default: {DEFAULT_ANALYSIS_DIR}, or FOLDER/analysis for a converted folder)")
     s.add_argument("--activation", choices=["relu", "gelu", "silu"],
                    help="analyse dense models with their FFN activation swapped for this one (a synthetic model)")
     _common(s)
-    s.set_defaults(func=cmd_analyze)
 
-    s = sub.add_parser("report", help="write a self-contained HTML report of a converted folder",
-                       description=cmd_report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("folder", metavar="DIR", help="converted checkpoint folder (from `moefy convert` or `moefy run`)")
-    s.add_argument("--out", help="HTML file to write (default DIR/report.html)")
+
+def add_report(s: argparse.ArgumentParser) -> None:
+    s.add_argument("folder", metavar="DIR", help="converted folder (from `moefy convert` or `moefy run`)")
+    s.add_argument("--out", help="HTML file to write (default: DIR/report.html)")
     s.add_argument("--no-compute", action="store_true", help="draw only from saved analyses; never load a model")
     _common(s)
-    s.set_defaults(func=cmd_report)

@@ -1,36 +1,24 @@
-"""Subcommands built on the whole pipeline: `run` (the main job), `bench`, `analyze`, `report`."""
+"""Speed and training commands: bench (dense vs MoE, interleaved, medians, as ratios) and finetune
+(the routers of a converted model, end to end)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """The main job on a model (default: the bundled SmolLM2-135M): evaluate it dense, convert it
-    with the recommended settings, evaluate the MoE model, save it and write its report."""
-    from moefy.pipeline import run_main_job
-
-    summary = run_main_job(
-        args.model, out=args.out, num_experts=args.experts, budget=args.budget, shared_fraction=args.shared,
-        eval_sequences=args.eval_sequences, overwrite=args.overwrite, report=not args.no_report,
-    )
-    print(json.dumps(summary, indent=2))
-    return 0
+from moefy.cli.flags import add_settings, runtime_from
+from moefy.cli.output import check_json_path, write_json
+from moefy.errors import CheckpointError, InvalidArgumentError
+from moefy.settings import RuntimeConfig
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("run", help="the main job: evaluate, convert, evaluate, save, report", description=cmd_run.__doc__)
-    s.add_argument("model", nargs="?", default="smollm2-135m")
-    s.add_argument("--out", default="runs/smollm2-135m-moe", help="output folder (default runs/smollm2-135m-moe)")
-    s.add_argument("--experts", type=int, default=None, help="experts per FFN (default: recommended for the model)")
-    s.add_argument("--budget", type=float, default=0.75, help="FFN FLOPs budget, fraction of dense (default 0.75)")
-    s.add_argument("--shared", type=float, default=None, help="fraction of always-on experts (default recommended)")
-    s.add_argument("--eval-sequences", type=int, default=40, help="256-token windows per held-out split")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    s.add_argument("--no-report", action="store_true", help="skip the HTML report")
-    s.set_defaults(func=cmd_run)
-    register_bench(sub)
+def _check(args: argparse.Namespace) -> None:
+    check_json_path(args.json)
+    for flag, value in (("--repeats", args.repeats), ("--new-tokens", args.new_tokens)):
+        if value < 1:
+            raise InvalidArgumentError(f"{flag} {value} must be at least 1")
+    if args.threads < 0:
+        raise InvalidArgumentError(f"--threads {args.threads} must be >= 0 (0: torch's default)")
 
 
 LAYER_SHAPES = ((576, 1536), (2048, 5632), (4096, 11008))
@@ -41,6 +29,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     FFN-layer latency for gated layers with random weights at batch 1 and 256 tokens, and, with
     --model CKPT, end-to-end greedy decoding tokens/s and prefill time of a converted model
     against its dense base."""
+    _check(args)
+    runtime = runtime_from(args)
+    if runtime is not None and not args.model:
+        raise InvalidArgumentError("--top-k/--budget/--selection/--kernel need --model CKPT")
     import torch
 
     from moefy.bench import bench_ffn_layer
@@ -61,16 +53,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                               f"{r['moe_ms']:>8.3f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x", flush=True)
     if args.model:
         from moefy.bench_model import bench_models
-        from moefy.checkpoint import load_converted
         from moefy.models import load_model
+        from moefy.moe_model import MoEModel
         from moefy.text import bundled_text, tokenize_text
 
-        converted = load_converted(args.model)
-        if args.budget is not None:
-            from moefy.convert import configure, top_k_for_budget
-
-            configure(converted.model, top_k=top_k_for_budget(converted.model, args.budget))
-        dense = load_model(converted.base_identity["name"])
+        converted = MoEModel.from_pretrained(args.model, runtime=runtime)
+        dense = load_model(converted.loaded.source)
         batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, 256, 4)
         e2e = bench_models(dense.model, converted.model, batch.input_ids[:1, :32], batch.input_ids,
                            new_tokens=args.new_tokens, repeats=args.repeats)
@@ -79,21 +67,83 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({e2e['decode_speedup']:.2f}x); prefill 4x256: dense {e2e['dense_prefill_ms']:.0f} ms, "
               f"MoE {e2e['moe_prefill_ms']:.0f} ms ({e2e['prefill_speedup']:.2f}x)")
     if args.json:
-        from moefy.cli import _write_json
-
-        _write_json(args.json, results)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return 0
 
 
-def register_bench(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("bench", help="speed: dense vs MoE, FFN layers and end to end", description=cmd_bench.__doc__)
+def add_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", metavar="CKPT", help="a converted folder: also benchmark decoding and prefill end to end")
     s.add_argument("--quick", action="store_true", help="only the d=576/h=1536 layer shapes")
     s.add_argument("--no-layers", action="store_true", help="skip the FFN-layer benchmark")
-    s.add_argument("--repeats", type=int, default=10, help="timed repeats per configuration (median)")
-    s.add_argument("--new-tokens", type=int, default=32, help="tokens to decode end to end")
-    s.add_argument("--budget", type=float, help="with --model: set k for this FFN FLOPs budget (e.g. 0.5)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    s.add_argument("--repeats", type=int, default=10, metavar="N", help="timed repeats per configuration, median (default: 10)")
+    s.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens to decode end to end (default: 32)")
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: 0, torch's own)")
     s.add_argument("--json", metavar="PATH", help="write all results as JSON")
-    s.set_defaults(func=cmd_bench)
+    add_settings(s, RuntimeConfig, "runtime settings of --model")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune the routers of a converted causal LM end to end (next-token loss through a
+    straight-through gate, plus the Switch balance loss and optionally the router z-loss), all
+    other weights frozen; optionally also the representatives. Saves the new plan to --out and
+    prints the per-layer expert-load imbalance before and after (and, with --eval-sequences,
+    held-out perplexity before and after)."""
+    from pathlib import Path
+
+    from moefy.plan import check_writable, is_plan_folder
+
+    if not (Path(args.checkpoint).is_dir() and is_plan_folder(args.checkpoint)):
+        raise CheckpointError(f"{args.checkpoint!r} is not a converted folder (convert a model first)")
+    check_writable(args.out, overwrite=args.overwrite)
+    check_json_path(args.json)
+    if args.calibration_sequences < 1 or args.eval_sequences < 0:
+        raise InvalidArgumentError("--calibration-sequences must be >= 1 and --eval-sequences >= 0")
+    from moefy.api import calibration_batches, evaluate_model
+    from moefy.cli.output import print_table
+    from moefy.finetune import finetune_routers
+    from moefy.moe_model import MoEModel
+
+    converted = MoEModel.from_pretrained(args.checkpoint, base=args.base)
+    before = evaluate_model(converted, max_sequences=args.eval_sequences) if args.eval_sequences else None
+    batches = calibration_batches(converted.loaded, args.calibration_text, args.calibration_sequences)
+    report = finetune_routers(
+        converted, batches, steps=args.steps, lr=args.lr, balance_weight=args.balance_weight,
+        z_weight=args.z_weight, train_representatives=args.representatives, batch_size=args.batch_size,
+        progress=True,
+    )
+    summary = report.summary()
+    if before is not None:
+        after = evaluate_model(converted, max_sequences=args.eval_sequences)
+        summary["perplexity_before"] = {r["split"]: r["perplexity"] for r in before["splits"]}
+        summary["perplexity_after"] = {r["split"]: r["perplexity"] for r in after["splits"]}
+    converted.plan.extra = {**converted.plan.extra, "router_finetune": summary}
+    converted.save(args.out, overwrite=args.overwrite)
+    print_table([
+        {"layer": b.layer, "max/mean before": b.max_over_mean, "after": a.max_over_mean,
+         "CV² before": b.cv_squared, "CV² after": a.cv_squared}
+        for b, a in zip(report.load_before, report.load_after, strict=True)
+    ])
+    for key in ("perplexity_before", "perplexity_after"):
+        if key in summary:
+            print(f"{key}: {json.dumps(summary[key])}")
+    print(f"saved {args.out}")
+    if args.json:
+        write_json(args.json, report.to_json() | {"summary": summary})
+    return 0
+
+
+def add_finetune(s: argparse.ArgumentParser) -> None:
+    s.add_argument("checkpoint", metavar="DIR", help="converted folder")
+    s.add_argument("--out", required=True, help="output folder for the fine-tuned plan")
+    s.add_argument("--base", metavar="MODEL", help="the base model, if it moved")
+    s.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps (default: 100)")
+    s.add_argument("--lr", type=float, default=3e-5, metavar="X", help="peak AdamW learning rate (default: 3e-5)")
+    s.add_argument("--balance-weight", type=float, default=1e-2, metavar="X", help="Switch balance-loss weight (default: 1e-2)")
+    s.add_argument("--z-weight", type=float, default=0.0, metavar="X", help="router z-loss weight (default: 0; ST-MoE uses 1e-3)")
+    s.add_argument("--representatives", action="store_true", help="also train the representatives r")
+    s.add_argument("--batch-size", type=int, default=8, metavar="N", help="256-token sequences per step (default: 8)")
+    s.add_argument("--calibration-text", action="append", metavar="FILE", help="fine-tune on this text (repeatable)")
+    s.add_argument("--calibration-sequences", type=int, default=64, metavar="N", help="256-token sequences of text (default: 64)")
+    s.add_argument("--eval-sequences", type=int, default=0, metavar="N", help="held-out windows per split before/after (default: 0, skip)")
+    s.add_argument("--json", metavar="PATH", help="also write the full report (loss curves, per-layer load) as JSON")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

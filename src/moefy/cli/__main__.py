@@ -1,0 +1,7 @@
+"""`python -m moefy.cli` == `moefy`."""
+
+import sys
+
+from moefy.cli import main
+
+sys.exit(main())

