@@ -305,16 +305,17 @@ def check_writable(out_dir: str | Path, *, overwrite: bool) -> None:
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = existing_parent(out)
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"output folder {str(out)!r}: {str(parent)!r} is not writable")
 
 
-def validate_plan_for(plan: ModelPlan, num_layers: int) -> None:
-    if len(plan.layers) != num_layers:
-        raise InvalidArgumentError(f"the plan has {len(plan.layers)} layers; the model has {num_layers}")
+def existing_parent(path: Path) -> Path:
+    """The nearest existing folder above `path` (where writing it would first create something)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
 
 
 __all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_sha256", "is_plan_folder", "read_metadata", "atomic_folder"]

@@ -53,10 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a dense model or a converted folder on held-out text: perplexity per split for causal
     LMs, embedding fidelity and retrieval accuracy for encoders. Runtime flags (--top-k, --budget,
     --tau, --selection, --kernel) change how a converted model runs, without re-converting."""
-    _positive("--seq-len", args.seq_len, 8)
-    _positive("--max-sequences", args.max_sequences)
-    _check_text_files(args.text, "--text")
-    check_json_path(args.json)
+    _check_text_flags(args)
     runtime = runtime_from(args)
     from moefy.api import evaluate_model, load
     from moefy.moe_model import MoEModel
@@ -75,13 +72,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval(s: argparse.ArgumentParser) -> None:
+def _add_text_flags(s: argparse.ArgumentParser, text_help: str, max_sequences: int) -> None:
     s.add_argument("model", help=MODEL_HELP)
-    s.add_argument("--text", action="append", metavar="FILE", help="evaluate on this UTF-8 text file (repeatable)")
+    s.add_argument("--text", action="append", metavar="FILE", help=f"{text_help} (repeatable)")
     s.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default: 256)")
-    s.add_argument("--max-sequences", type=int, default=40, metavar="N", help="windows per split (default: 40)")
-    s.add_argument("--base", metavar="MODEL", help="converted folder: load it onto this base model (it moved)")
+    s.add_argument("--max-sequences", type=int, default=max_sequences, metavar="N",
+                   help=f"windows per split (default: {max_sequences})")
     s.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _check_text_flags(args: argparse.Namespace) -> None:
+    _positive("--seq-len", args.seq_len, 8)
+    _positive("--max-sequences", args.max_sequences)
+    _check_text_files(args.text, "--text")
+    check_json_path(args.json)
+
+
+def add_eval(s: argparse.ArgumentParser) -> None:
+    _add_text_flags(s, "evaluate on this UTF-8 text file", 40)
+    s.add_argument("--base", metavar="MODEL", help="converted folder: load it onto this base model (it moved)")
     add_settings(s, RuntimeConfig, "runtime settings (converted folders)")
 
 
@@ -89,10 +98,7 @@ def add_eval(s: argparse.ArgumentParser) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
     """Calibrate a dense model on text and print per-layer FFN activation statistics (exact and
     soft sparsity)."""
-    _positive("--seq-len", args.seq_len, 8)
-    _positive("--max-sequences", args.max_sequences)
-    _check_text_files(args.text, "--text")
-    check_json_path(args.json)
+    _check_text_flags(args)
     from moefy.api import ffn_statistics
 
     rows = ffn_statistics(args.model, text_files=args.text, max_sequences=args.max_sequences, seq_len=args.seq_len)
@@ -103,11 +109,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def add_stats(s: argparse.ArgumentParser) -> None:
-    s.add_argument("model", help=MODEL_HELP)
-    s.add_argument("--text", action="append", metavar="FILE", help="calibrate on this text file (repeatable)")
-    s.add_argument("--seq-len", type=int, default=256, metavar="N", help="tokens per window (default: 256)")
-    s.add_argument("--max-sequences", type=int, default=16, metavar="N", help="windows (default: 16)")
-    s.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    _add_text_flags(s, "calibrate on this text file", 16)
 
 
 # ---- flops --------------------------------------------------------------------------------------
@@ -156,8 +158,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _print_plan_summary(plan, folder: str) -> None:  # plan: moefy.plan.ModelPlan
-    from moefy.convert import ffn_flops_fraction  # noqa: F401 - imported for symmetry with run
-
     recalls = [lp.router_recall for lp in plan.layers if lp.router_recall is not None]
     size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
     lp = plan.layers[0]

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from moefy.errors import InvalidArgumentError
+from moefy.plan import existing_parent
 
 
 def fmt(v: object) -> str:
@@ -42,9 +43,7 @@ def check_json_path(path: str | None) -> None:
     target = Path(path)
     if target.is_dir():
         raise InvalidArgumentError(f"--json {path!r} is a folder; give a file path")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = existing_parent(target)
     if not os.access(parent, os.W_OK):
         raise InvalidArgumentError(f"--json {path!r}: {str(parent)!r} is not writable")
 
