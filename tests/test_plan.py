@@ -314,6 +314,14 @@ def test_adapter_finds_its_base_by_name_and_export_is_standalone(tiny_folder: Pa
     assert again.tokenizer("abc").input_ids == loaded.tokenizer("abc").input_ids
     assert isinstance(api.load(str(tiny_folder)), LoadedModel)  # a dense folder stays dense
 
+    # generate works on loaded checkpoints and continues as the in-memory conversion does
+    prompt = torch.tensor([again.tokenizer("abcabc").input_ids])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = moe.model.generate(prompt, **kwargs)
+    for reloaded in (by_name, again):
+        got = reloaded.model.generate(prompt, **kwargs)
+        assert got.shape == (1, prompt.shape[1] + 6) and torch.equal(got, want)
+
 
 def test_export_needs_a_base_on_disk(tmp_path: Path) -> None:
     moe = convert_tiny(loaded_tiny("llama"))  # built in memory: no folder to copy the base from

@@ -72,6 +72,9 @@ def test_smollm_conversion_all_experts_is_exact_then_sparse(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(exported.model(input_ids=ids).logits, routed, rtol=0, atol=0)
     assert exported.tokenizer("hello world").input_ids == loaded.tokenizer("hello world").input_ids
+    prompt = exported.tokenizer("The history of computing", return_tensors="pt").input_ids
+    out = exported.model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, prompt.shape[1] + 8) and torch.equal(out, again.model.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
 def test_minilm_cli_eval_json(tmp_path, capsys) -> None:
