@@ -15,7 +15,9 @@ def fmt(v: object) -> str:
     if isinstance(v, bool) or v is None:
         return "-" if v is None else str(v)
     if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        if abs(v) >= 1e5:
+            return f"{v:.3e}"
+        return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4g}"
     return str(v)
 
 
