@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import torch
+from static_importance import set_static_importance, taylor_importance  # benchmarks/static_importance.py
 
 from moefy.api import calibration_batches, evaluate_model
 from moefy.convert import apply, configure, ffn_flops_fraction, ffn_shape, moe_layers, planned_top_k, search
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import extract_ffn
-from moefy.importance import set_static_importance, taylor_importance
 from moefy.models import load_model
 from moefy.moe_model import MoEModel
 from moefy.neuron_selection import install_neuron_selection, neuron_selection_flops_fraction

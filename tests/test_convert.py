@@ -289,7 +289,9 @@ def test_flops_fraction_counts_router_and_measured_k() -> None:
     convert_tiny(loaded, selection="router")
     fraction_half = ffn_flops_fraction(loaded.model, measured=False)
     configure(loaded.model, top_k=8)
-    assert ffn_flops_fraction(loaded.model, measured=False) > 1.0  # router + adds on top of dense
+    assert ffn_flops_fraction(loaded.model, measured=False) == 1.0  # every expert: the dense path, no router
+    configure(loaded.model, top_k=4, selection="all")
+    assert ffn_flops_fraction(loaded.model, measured=False) == 1.0
     configure(loaded.model, top_k=4, selection="oracle")
     assert ffn_flops_fraction(loaded.model) == 1.0  # the oracle computes everything
     assert 0.5 < fraction_half < 1.0

@@ -255,6 +255,12 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "json_base_layers": (_edit_json(lambda m: _set(m["base"], "num_layers", 3)), r"layers must be 0\.\.2 in order"),
     "json_format_version": (_edit_json(lambda m: _set(m, "format_version", 1)), r"format_version 1; .* reads 2"),
     "json_format": (_edit_json(lambda m: _set(m, "format", "peft")), "not a moefy plan"),
+    "json_v1_checkpoint": (
+        _edit_json(lambda m: {"format_version": 1, "base": m["base"], "layers": []}), r"moefy 0\.1 \(format 1.*re-convert"
+    ),
+    "json_config_missing_key": (_edit_json(lambda m: m["config"].pop("method") and None), r"missing setting\(s\) method"),
+    "json_base_type": (_edit_json(lambda m: _set(m["base"], "d_ff", "128")), "positive integers"),
+    "json_layer_block": (_edit_json(lambda m: _set(m["layers"][1], "block", "model.layers.7")), "model.layers.7"),
 }
 
 
@@ -366,3 +372,104 @@ def test_a_settings_typo_fails_fast_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written: no output folder, no cache
     assert elapsed < 10
+
+
+# ---- the contracts a review of the plan split asked for ------------------------------------------
+def test_convert_config_takes_top_k_alone_and_defaults_to_the_budget() -> None:
+    from moefy.settings import DEFAULT_BUDGET, ConvertConfig
+
+    assert ConvertConfig().effective_budget == DEFAULT_BUDGET
+    assert ConvertConfig(top_k=64).effective_budget is None and ConvertConfig(top_k=64).top_k == 64
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        ConvertConfig(top_k=64, budget=0.5)
+    with pytest.raises(InvalidArgumentError, match="--sample-size 8 is too small"):
+        ConvertConfig(sample_size=8)
+
+
+def test_runtime_top_k_and_budget_replace_each_other() -> None:
+    moe = convert_tiny(loaded_tiny("llama"))
+    moe.configure(budget=0.6)
+    k_budget = moe_layers(moe.model)[0].top_k
+    moe.configure(top_k=8)  # the saved budget does not block a new k
+    assert moe.runtime.budget is None and all(m.top_k == 8 for m in moe_layers(moe.model))
+    moe.configure(budget=0.6)
+    assert moe.runtime.top_k is None and all(m.top_k == k_budget for m in moe_layers(moe.model))
+
+
+def test_the_plan_keeps_its_own_router_and_statics_are_saved(tmp_path: Path) -> None:
+    """Modules get copies of the plan's routers (a bf16 base does not cast the plan; training one
+    model does not change another), and what was changed in place (importance) is saved."""
+    moe = convert_tiny(loaded_tiny("llama"))
+    plan = moe.plan
+    scorer = plan.layers[0].router
+    assert scorer is not None and moe_layers(moe.model)[0].router.scorer is not scorer
+    bf16 = loaded_tiny("llama")
+    bf16.model.to(torch.bfloat16)
+    apply(bf16, plan, REFERENCE)
+    assert scorer.net[0].weight.dtype == torch.float32
+    with torch.no_grad():
+        moe_layers(bf16.model)[0].router.scorer.net[0].weight.add_(1.0)
+    other = loaded_tiny("llama")
+    apply(other, plan, REFERENCE)
+    torch.testing.assert_close(moe_layers(other.model)[0].router.scorer.net[0].weight, scorer.net[0].weight)
+
+    m = moe_layers(moe.model)[1]
+    m.importance.copy_(torch.arange(m.num_experts, dtype=torch.float32))
+    again = MoEModel.from_pretrained(moe.save(tmp_path / "plan"), base=loaded_tiny("llama"))
+    torch.testing.assert_close(moe_layers(again.model)[1].importance, m.importance)
+
+
+def test_apply_refuses_a_model_converted_under_another_plan() -> None:
+    loaded = loaded_tiny("llama")
+    convert_tiny(loaded)
+    other = convert_tiny(loaded_tiny("llama"), method="random")
+    with pytest.raises(InvalidArgumentError, match="converted under another plan"):
+        apply(loaded, other.plan, REFERENCE)
+    with pytest.raises(InvalidArgumentError, match="already converted"):
+        base_identity(loaded)
+
+
+def test_an_export_reloaded_and_saved_as_adapter_points_at_the_export(tiny_folder: Path, tmp_path: Path) -> None:
+    moe = convert_tiny(load_model(str(tiny_folder)))
+    export = moe.export(tmp_path / "standalone")
+    adapter = MoEModel.from_pretrained(export).save(tmp_path / "adapter")
+    recorded = json.loads((adapter / CONFIG_FILE).read_text())["base"]["name"]
+    assert recorded == str(export.resolve())
+    assert isinstance(api.load(str(adapter)), MoEModel)
+
+
+def test_cli_runtime_flags_override_the_saved_runtime_flag_by_flag(tiny_folder: Path, tmp_path: Path) -> None:
+    from moefy.cli import main
+
+    moe = convert_tiny(load_model(str(tiny_folder)))
+    moe.configure(tau=0.9, selection="static")
+    folder = moe.save(tmp_path / "plan")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(folder), "--kernel", "torch_decode", "--max-sequences", "2", "--seq-len", "32",
+                 "--json", str(out)]) == 0
+    runtime = json.loads(out.read_text())["runtime"]
+    assert runtime == {"top_k": None, "budget": None, "tau": 0.9, "selection": "static", "kernel": "torch_decode"}
+
+
+def test_cli_runtime_flags_on_a_dense_model_fail_before_loading(capsys) -> None:
+    from moefy.cli import main
+
+    assert main(["eval", "no-such-model", "--top-k", "4"]) == 2
+    assert "converted folders only" in capsys.readouterr().err
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    code = "import sys, moefy.cli, moefy.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_neuron_selection_refuses_save_pretrained(tmp_path: Path) -> None:
+    from moefy.neuron_selection import install_neuron_selection
+
+    loaded = loaded_tiny("llama")
+    samples = [torch.randn(256, 32) for _ in find_blocks(loaded.model, loaded.spec)]
+    install_neuron_selection(loaded.model, loaded.spec, samples, method="cats", kept_fraction=0.5)
+    with pytest.raises(InvalidArgumentError, match="save_pretrained"):
+        loaded.model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.convert import apply, ffn_flops_fraction, ffn_shape, moe_layers, search
+from moefy.convert import apply, check_config_for, ffn_flops_fraction, ffn_shape, moe_layers, search
 from moefy.evaluate import (
     embedding_fidelity,
     paired_texts,
@@ -28,7 +28,7 @@ from moefy.models import LoadedModel, load_model
 from moefy.moe_model import MoEModel
 from moefy.plan import is_plan_folder
 from moefy.routers import router_flops_per_token
-from moefy.settings import ConvertConfig, RuntimeConfig
+from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 from moefy.specs import find_blocks
 from moefy.text import TokenBatch, bundled_text, read_text_file, split_batches, tokenize_text
 
@@ -44,8 +44,6 @@ def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = 
         return MoEModel.from_pretrained(name, base=base, runtime=runtime)
     return load_model(name)
 
-
-load_any = load
 
 
 def _loaded(target: Target) -> LoadedModel:
@@ -146,8 +144,9 @@ def convert(
     `config` defaults to the recommended settings; `runtime` to the k the routers were trained for.
     Calibration: `calibration` (tokenised batches), else the files `calibration_text`, else the
     bundled English + code calibration text."""
-    config = config or ConvertConfig()
+    config = config or config_for(model if isinstance(model, str) else model.name)
     loaded = load_model(model) if isinstance(model, str) else model
+    check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
     plan = search(loaded, batches, config, progress=progress)
     apply(loaded, plan, runtime or RuntimeConfig())
@@ -185,5 +184,5 @@ def flops_table(name: str, *, experts: int | None = None, top_k: int | None = No
 
 __all__ = [
     "ConvertConfig", "MoEModel", "RuntimeConfig", "calibration_batches", "convert", "evaluate_model",
-    "ffn_statistics", "flops_table", "load", "load_any",
+    "ffn_statistics", "flops_table", "load",
 ]

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 
 from moefy.errors import CalibrationError
 from moefy.ffn import FFNWeights, extract_ffn, ffn_input_module
+from moefy.settings import DEFAULT_EPS
 from moefy.specs import ArchSpec, find_blocks
 from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
 
-from moefy.settings import DEFAULT_EPS  # noqa: E402, F401 - one definition, re-exported
 
 
 @dataclass

@@ -12,8 +12,10 @@ on the inputs it will really see in the converted model; what search returns is 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -80,40 +82,62 @@ def planned_top_k(shape: FFNShape, config: ConvertConfig) -> int:
     """The k the routers are trained for: `config.top_k`, or the k of `config.budget`."""
     if config.top_k is not None:
         return config.top_k
-    assert config.budget is not None
+    budget = config.effective_budget
+    assert budget is not None
     ns = config.num_shared
     router = router_flops_per_token(shape.d_model, config.num_experts - ns, config.router_hidden)
-    return top_k_for_budget(shape, config.num_experts, ns, router, config.budget)
+    return top_k_for_budget(shape, config.num_experts, ns, router, budget)
+
+
+def check_config_for(loaded: LoadedModel, config: ConvertConfig) -> int:
+    """The checks of `config` that need the model (expert count divides the FFN width, the budget
+    is feasible, a routed expert is left); run before any calibration. Returns the k to train for."""
+    ffn = extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec)
+    config.validate_for(ffn.d_ff)
+    top_k = planned_top_k(ffn_shape(ffn), config)
+    if top_k <= config.num_shared < config.num_experts:
+        raise InvalidArgumentError(f"k={top_k} leaves no routed expert beside {config.num_shared} shared ones")
+    return top_k
 
 
 def router_flops(m: MoEFFN) -> int:
-    if m.selection == "router" and m.router is not None:
+    if m.selection == "router" and m.router is not None and not m.runs_dense:
         return m.router.flops_per_token()
     return 0
 
 
+def layer_flops(m: MoEFFN, measured: bool = True) -> tuple[float, float, float]:
+    """(dense, MoE, MoE without static embeddings) FLOPs per token of one layer as it runs now:
+    a layer on its dense path (every expert) costs the dense FFN; oracle selection costs the dense
+    FFN (it evaluates every expert to rank them); otherwise router + k of n experts + static adds,
+    k the mean really computed (dynamic k) when `measured`, else top_k."""
+    shape = layer_shape(m)
+    dense = float(dense_ffn_flops(shape))
+    if m.runs_dense or m.selection == "oracle":
+        return dense, dense, dense
+    k = m.mean_selected if (measured and m.tokens_seen) else float(m.top_k)
+    r = router_flops(m)
+    return dense, moe_ffn_flops(shape, m.num_experts, k, r), moe_ffn_flops(shape, m.num_experts, k, r, static_embeddings=False)
+
+
 def ffn_flops_fraction(model: nn.Module, measured: bool = True) -> float:
-    """MoE FFN FLOPs / dense FFN FLOPs over all converted layers (router included). With
-    `measured`, uses the mean number of experts each layer really computed (dynamic k); oracle
-    selection counts as full cost."""
-    dense = moe = 0.0
-    for m in moe_layers(model):
-        shape = layer_shape(m)
-        dense += dense_ffn_flops(shape)
-        if m.selection == "oracle":
-            moe += dense_ffn_flops(shape)
-            continue
-        k = m.mean_selected if measured else m.top_k
-        moe += moe_ffn_flops(shape, m.num_experts, k, router_flops(m))
-    return moe / dense if dense else 1.0
+    """MoE FFN FLOPs / dense FFN FLOPs over all converted layers (router included; see `layer_flops`)."""
+    totals = [layer_flops(m, measured) for m in moe_layers(model)]
+    dense = sum(t[0] for t in totals)
+    return sum(t[1] for t in totals) / dense if dense else 1.0
 
 
 # ---- search ---------------------------------------------------------------------------------------
 def base_identity(loaded: LoadedModel) -> BaseIdentity:
-    """The dense model's identity, read before any FFN is converted."""
-    ffns = [extract_ffn(b, loaded.spec) for _, b in find_blocks(loaded.model, loaded.spec)]
+    """The dense model's identity, read before any FFN is converted; a folder is recorded by its
+    absolute path."""
+    blocks = find_blocks(loaded.model, loaded.spec)
+    if any(block_moe(b) is not None for _, b in blocks):
+        raise InvalidArgumentError("the model is already converted; give a dense base model")
+    ffns = [extract_ffn(b, loaded.spec) for _, b in blocks]
+    name = str(Path(loaded.name).resolve()) if loaded.name and Path(loaded.name).is_dir() else loaded.name
     return BaseIdentity(
-        name=loaded.name, model_type=str(loaded.model.config.model_type), num_layers=len(ffns),
+        name=name, model_type=str(loaded.model.config.model_type), num_layers=len(ffns),
         d_model=ffns[0].d_model, d_ff=ffns[0].d_ff, ffn_sha256=ffn_sha256(ffns),
     )
 
@@ -173,12 +197,8 @@ def search(
     (with the plan's own runtime) as soon as it is planned; otherwise the model is left dense."""
     spec = loaded.spec
     blocks = find_blocks(loaded.model, spec)
-    first = extract_ffn(blocks[0][1], spec)
-    config.validate_for(first.d_ff)
+    top_k = check_config_for(loaded, config)
     _check_calibration(calibration, config)
-    top_k = planned_top_k(ffn_shape(first), config)
-    if top_k <= config.num_shared < config.num_experts:
-        raise InvalidArgumentError(f"k={top_k} leaves no routed expert beside {config.num_shared} shared ones")
     base = base_identity(loaded)
     layers: list[LayerPlan] = []
     bar = tqdm(total=len(blocks), desc="converting", unit="layer", disable=not progress)
@@ -238,14 +258,19 @@ def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
     """The MoE FFN of one dense FFN under a layer plan (expert-major weights in the base dtype)."""
     if ffn.d_ff != lp.perm.shape[0]:
         raise InvalidArgumentError(f"layer {lp.index}: the plan is for an FFN of width {lp.perm.shape[0]}, not {ffn.d_ff}")
-    experts = ExpertWeights.from_ffn(ffn, lp.perm, lp.num_experts)
-    dtype = experts.w_out.dtype
-    router = None if lp.router is None else ExpertRouter(lp.router.to(dtype), top_k=max(0, lp.top_k - lp.num_shared))
-    return MoEFFN(
-        experts=experts, representatives=lp.representatives.to(dtype), b_out=ffn.b_down, router=router,
-        num_shared=lp.num_shared, importance=lp.importance, kernel=runtime.kernel,
+    experts = ExpertWeights.from_ffn(ffn, lp.perm.to(ffn.w_up.device), lp.num_experts)
+    dtype, device = experts.w_out.dtype, experts.w_out.device
+    router = None
+    if lp.router is not None:  # the module gets its own copy: the plan stays as searched (fp32, CPU)
+        scorer = copy.deepcopy(lp.router).to(device=device, dtype=dtype)
+        router = ExpertRouter(scorer, top_k=max(0, lp.top_k - lp.num_shared))
+    moe = MoEFFN(
+        experts=experts, representatives=lp.representatives.to(device, dtype), b_out=ffn.b_down, router=router,
+        num_shared=lp.num_shared, importance=lp.importance.to(device), kernel=runtime.kernel,
         **_layer_settings(lp, ffn_shape(ffn), runtime),
     )
+    moe.perm = lp.perm  # which plan layer built it (apply refuses to reconfigure it under another plan)
+    return moe
 
 
 def apply(loaded: LoadedModel, plan: ModelPlan, runtime: RuntimeConfig | None = None) -> nn.Module:
@@ -255,22 +280,26 @@ def apply(loaded: LoadedModel, plan: ModelPlan, runtime: RuntimeConfig | None = 
     blocks = find_blocks(loaded.model, loaded.spec)
     if len(blocks) != len(plan.layers):
         raise InvalidArgumentError(f"the plan has {len(plan.layers)} layers; the model has {len(blocks)}")
-    # build every new module (and check every setting) before the first swap: a refused plan or
-    # runtime leaves the model as it was
-    swaps: list[tuple[nn.Module, MoEFFN]] = []
-    for (_name, block), lp in zip(blocks, plan.layers, strict=True):
+    # check every layer's settings (and that converted blocks belong to this plan) before any
+    # change: a refused plan or runtime leaves the model as it was
+    for (name, block), lp in zip(blocks, plan.layers, strict=True):
+        if name != lp.block:
+            raise InvalidArgumentError(f"layer {lp.index} of the plan is for block {lp.block!r}; the model's is {name!r}")
         existing = block_moe(block)
         if existing is None:
-            swaps.append((block, build_moe(extract_ffn(block, loaded.spec), lp, runtime)))
-        else:
-            _layer_settings(lp, layer_shape(existing), runtime)  # validates
-    for (_name, block), lp in zip(blocks, plan.layers, strict=True):
+            if extract_ffn(block, loaded.spec).d_ff != lp.perm.shape[0]:
+                raise InvalidArgumentError(f"layer {lp.index}: the plan is for an FFN of width {lp.perm.shape[0]}")
+            continue
+        if existing.perm is None or not torch.equal(existing.perm, lp.perm) or existing.num_shared != lp.num_shared:
+            raise InvalidArgumentError(f"{name} was converted under another plan; apply this plan to a fresh base model")
+        _layer_settings(lp, layer_shape(existing), runtime)
+    for (_name, block), lp in zip(blocks, plan.layers, strict=True):  # then one layer at a time
         existing = block_moe(block)
-        if existing is not None:
+        if existing is None:
+            swap_ffn(block, loaded.spec, build_moe(extract_ffn(block, loaded.spec), lp, runtime))
+        else:
             existing.kernel_name = runtime.kernel
             existing.configure(**_layer_settings(lp, layer_shape(existing), runtime))
-    for block, moe in swaps:
-        swap_ffn(block, loaded.spec, moe)
     guard_save_pretrained(loaded.model)
     plan.runtime = runtime
     return loaded.model

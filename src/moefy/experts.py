@@ -24,10 +24,10 @@ from torch import Tensor
 
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights
+from moefy.settings import METHODS
 
 log = logging.getLogger(__name__)
 
-from moefy.settings import METHODS  # noqa: E402
 
 
 @dataclass

@@ -154,7 +154,7 @@ def measure_load(model: nn.Module, layers: Sequence[MoEFFN], batches: Sequence[T
 
 
 # ---- training ---------------------------------------------------------------------------------
-def _check_args(steps: int, lr: float, balance_weight: float, z_weight: float, batch_size: int) -> None:
+def check_finetune_args(steps: int, lr: float, balance_weight: float, z_weight: float, batch_size: int) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise InvalidArgumentError(f"steps={steps!r} must be a positive integer")
     if not lr > 0 or not math.isfinite(lr):
@@ -251,7 +251,7 @@ def finetune_routers(
     progress: bool = False,
 ) -> FinetuneReport:
     """Fine-tune the routers of a converted causal LM in place on `batches` (see the module docstring)."""
-    _check_args(steps, lr, balance_weight, z_weight, batch_size)
+    check_finetune_args(steps, lr, balance_weight, z_weight, batch_size)
     if not batches or sum(b.num_tokens for b in batches) == 0:
         raise InvalidArgumentError("no fine-tuning text: `batches` is empty")
     if not converted.loaded.is_causal:

@@ -62,6 +62,7 @@ class MoEFFN(nn.Module):
         self.gated = experts.gated
         self.router = router
         self.last_routing: RouterOutput | None = None  # the router's output in the latest forward
+        self.perm: Tensor | None = None  # (h,) the plan's neuron permutation this layer was built from
         self.register_buffer("importance", torch.zeros(e) if importance is None else importance.clone())
         self.register_buffer("static", torch.empty(0), persistent=False)  # (E, D) m_e cache
         self.refresh_static()
@@ -95,6 +96,11 @@ class MoEFFN(nn.Module):
         if self.router is not None:  # the router selects the routed part of k
             self.router.top_k = self.top_k - self.num_shared
             self.router.tau = self.tau
+
+    @property
+    def runs_dense(self) -> bool:
+        """Every expert computed by the dense path: no router, no static term."""
+        return self.selection == "all" or (self.top_k == self.num_experts and self.tau is None)
 
     def reset_counters(self) -> None:
         self.tokens_seen = 0
@@ -158,7 +164,7 @@ class MoEFFN(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.d_model)  # (T, D)
-        if self.selection == "all" or (self.top_k == self.num_experts and self.tau is None):
+        if self.runs_dense:
             if not self.training:
                 self.tokens_seen += x2.shape[0]
                 self.experts_selected += x2.shape[0] * self.num_experts

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from moefy.convert import apply, base_identity, moe_layers
-from moefy.errors import CheckpointError
+from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.models import LoadedModel, load_model
-from moefy.plan import ModelPlan, atomic_folder, read_metadata
+from moefy.outputs import atomic_folder
+from moefy.plan import ModelPlan, read_metadata
 from moefy.settings import RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ class MoEModel:
 
     loaded: LoadedModel
     plan: ModelPlan
-    extra: dict = field(default_factory=dict)
 
     @property
     def model(self) -> nn.Module:
@@ -55,7 +55,7 @@ class MoEModel:
 
     def configure(self, runtime: RuntimeConfig | None = None, **changes: Any) -> MoEModel:
         """Change runtime settings (top_k / budget / tau / selection / kernel) on every layer."""
-        new = runtime if runtime is not None else self.plan.runtime.replace(**changes)
+        new = runtime if runtime is not None else self.plan.runtime.replace(**changes)  # top_k clears budget etc.
         apply(self.loaded, self.plan, new)
         return self
 
@@ -64,6 +64,7 @@ class MoEModel:
         """Copy what may have been trained in place (routers, representatives) back into the plan."""
         for lp, m in zip(self.plan.layers, moe_layers(self.model), strict=True):
             lp.representatives = m.representatives.detach().float().cpu().clone()
+            lp.importance = m.importance.detach().float().cpu().clone()
             if m.router is not None:
                 lp.router = copy.deepcopy(m.router.scorer).float().cpu().eval()
         return self.plan
@@ -86,10 +87,7 @@ class MoEModel:
         with atomic_folder(out_dir, overwrite=overwrite) as tmp:
             dense.model.save_pretrained(tmp, safe_serialization=True)
             dense.tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
-            ModelPlan(
-                base=type(self.plan.base)(**{**self.plan.base.__dict__, "name": SELF}), config=self.plan.config,
-                layers=self.plan.layers, runtime=self.plan.runtime, seconds=self.plan.seconds, extra=self.plan.extra,
-            ).write_into(tmp)
+            replace(self.plan, base=replace(self.plan.base, name=SELF)).write_into(tmp)
         return Path(out_dir)
 
     # ---- load ---------------------------------------------------------------------------------
@@ -113,12 +111,15 @@ class MoEModel:
                 f"{folder} was converted from {plan.base.describe()}, but the base model given is "
                 f"{identity.describe()}; pass --base with the model it was converted from"
             )
-        apply(loaded, plan, runtime or plan.runtime)
+        plan.base = replace(plan.base, name=identity.name)  # where the base really is (an export: its folder)
+        if runtime is not None:
+            apply(loaded, plan, runtime)
+        else:
+            try:
+                apply(loaded, plan, plan.runtime)
+            except InvalidArgumentError as e:  # the folder's own settings do not fit its base: tampered
+                raise CheckpointError(f"{folder}: {e}") from None
         return cls(loaded=loaded, plan=plan)
-
-    def summary(self) -> dict:
-        layers = moe_layers(self.model)
-        return {"layers": len(layers), "runtime": self.runtime.to_json(), "base": self.plan.base.describe()}
 
 
 __all__ = ["MoEModel"]

@@ -38,7 +38,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from moefy.convert import ffn_shape
+from moefy.convert import ffn_shape, guard_save_pretrained
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
 from moefy.flops import dense_ffn_flops, kept_fraction_for_budget, neuron_selection_flops
@@ -289,6 +289,7 @@ def install_neuron_selection(
     for (name, block), module in zip(blocks, modules, strict=True):
         swap_ffn(block, spec, module)
         log.debug("%s: %s", name, f"top-{module.top_k}" if module.top_k is not None else f"threshold {module.threshold:.4g}")
+    guard_save_pretrained(model)  # transformers would reload the swapped FFNs as random MLPs
     log.info("installed %s (%s) neuron selection in %d FFNs", method, selection, len(modules))
     return modules
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from moefy.api import calibration_batches, evaluate_model
-from moefy.convert import apply, ffn_flops_fraction, search
+from moefy.convert import apply, check_config_for, ffn_flops_fraction, search
 from moefy.models import load_model
 from moefy.moe_model import MoEModel
-from moefy.plan import check_writable
+from moefy.outputs import check_writable
 from moefy.settings import ConvertConfig, RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def run_main_job(
     config = config or ConvertConfig()
     check_writable(out, overwrite=overwrite)
     loaded = load_model(name)
+    check_config_for(loaded, config)  # before minutes of dense evaluation
     t0 = time.perf_counter()
     dense = evaluate_model(loaded, max_sequences=eval_sequences, progress=progress)
     log.info("dense evaluation took %.0f s", time.perf_counter() - t0)

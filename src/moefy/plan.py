@@ -20,11 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +30,7 @@ from torch import Tensor
 
 from moefy import __version__
 from moefy.errors import CheckpointError, InvalidArgumentError
+from moefy.outputs import atomic_folder
 from moefy.routers import MLPRouter
 from moefy.settings import ConvertConfig, RuntimeConfig
 
@@ -165,8 +161,8 @@ class ModelPlan:
         base = meta["base"]
         layers = [_layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
         try:
-            config = ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE))
-            runtime = RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE))
+            config = ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE), complete=True)
+            runtime = RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE), complete=True)
         except InvalidArgumentError as e:
             raise CheckpointError(f"{folder / CONFIG_FILE}: invalid settings: {e}") from None
         used = {k for lp in layers for k in (f"layers.{lp.index}.{n}" for n in lp.tensors())}
@@ -198,8 +194,15 @@ def read_metadata(folder: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a moefy plan (expected an object with \"format\": \"{FORMAT}\")")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a moefy plan (a JSON object is expected, got {type(meta).__name__})")
+    if meta.get("format_version") == 1 and "format" not in meta:
+        raise CheckpointError(
+            f"{path}: a checkpoint of moefy 0.1 (format 1, with full expert weights); this moefy ({__version__}) "
+            f"reads plan folders (format {FORMAT_VERSION}); re-convert the model"
+        )
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a moefy plan (expected \"format\": \"{FORMAT}\")")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format_version {meta.get('format_version')!r}; this moefy ({__version__}) reads {FORMAT_VERSION}; "
@@ -207,6 +210,13 @@ def read_metadata(folder: str | Path) -> dict:
         )
     _check_keys(path, "top level", meta, _META_KEYS)
     _check_keys(path, "base", meta["base"], _BASE_KEYS)
+    base = meta["base"]
+    if not all(isinstance(base[k], str) for k in ("name", "model_type", "ffn_sha256")) or not all(
+        isinstance(base[k], int) and not isinstance(base[k], bool) and base[k] > 0 for k in ("num_layers", "d_model", "d_ff")
+    ):
+        raise CheckpointError(f"{path}: base: name, model_type and ffn_sha256 must be strings; num_layers, d_model, d_ff positive integers")
+    if not isinstance(meta["extra"], dict) or not isinstance(meta["search_seconds"], int | float):
+        raise CheckpointError(f"{path}: \"extra\" must be an object and \"search_seconds\" a number")
     if not isinstance(meta["layers"], list) or not meta["layers"]:
         raise CheckpointError(f"{path}: \"layers\" must be a non-empty list")
     for i, layer in enumerate(meta["layers"]):
@@ -269,53 +279,6 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
         representatives=reps, importance=importance, router=router, tau=meta["tau"],
         router_recall=meta["router_recall"], mean_abs_centred=meta["mean_abs_centred"], seconds=meta["seconds"],
     )
-
-
-@contextmanager
-def atomic_folder(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir`, on any error
-    (or interrupt) it is removed, so nothing half-written is left."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {str(out)!r} exists and is not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {str(out.parent)!r}: {e.strerror}") from None
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_writable(out_dir: str | Path, *, overwrite: bool) -> None:
-    """Fail early (before a long conversion) if `out_dir` cannot be written."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
-    parent = existing_parent(out)
-    if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"output folder {str(out)!r}: {str(parent)!r} is not writable")
-
-
-def existing_parent(path: Path) -> Path:
-    """The nearest existing folder above `path` (where writing it would first create something)."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    return parent
 
 
 __all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_sha256", "is_plan_folder", "read_metadata", "atomic_folder"]

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from moefy.errors import InvalidArgumentError
 from moefy.kernels import ExpertWeights
 from moefy.layers.routers import RouterOutput
+from moefy.settings import ROUTER_TARGETS as TARGETS
 
 log = logging.getLogger(__name__)
 
-from moefy.settings import ROUTER_TARGETS as TARGETS  # noqa: E402
 
 
 class MLPRouter(nn.Module):
@@ -113,6 +113,8 @@ def fit_router(
     order = torch.randperm(n, generator=g)
     n_val = max(1, int(holdout * n))
     val, train = order[:n_val], order[n_val:]
+    if train.shape[0] < 2:
+        raise InvalidArgumentError(f"too few samples to train a router: {n} (need at least {n_val + 2})")
     router = MLPRouter(d, e, hidden)
     router.x_mean.copy_(x[train].mean(0))
     router.x_scale.copy_(1.0 / x[train].std(0).clamp_min(1e-6))

@@ -28,6 +28,8 @@ STATIC_RANKINGS = ("importance", "random")  # how `static` selection ranks exper
 SELECTIONS = ("router", "oracle", "static", "all")  # moefy.moe_ffn.MoEFFN selection modes
 KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
+DEFAULT_BUDGET = 0.75  # FFN FLOPs budget of a conversion given neither --top-k nor --budget
+MIN_SAMPLE_SIZE = 64  # sampled tokens per layer below which a router cannot be trained
 
 
 def _opt(help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None, cli: bool = True) -> dict:
@@ -41,8 +43,11 @@ class ConvertConfig:
 
     num_experts: int = field(default=256, metadata=_opt("experts per FFN; must divide the FFN width", flag="--experts"))
     budget: float | None = field(
-        default=0.75,
-        metadata=_opt("FFN FLOPs budget as a fraction of dense, router included; the routers are trained for the k it gives"),
+        default=None,
+        metadata=_opt(
+            f"FFN FLOPs budget as a fraction of dense, router included; the routers are trained for the k it gives "
+            f"({DEFAULT_BUDGET} when --top-k is not given either)"
+        ),
     )
     top_k: int | None = field(
         default=None, metadata=_opt("experts per token (shared included) instead of --budget", flag="--top-k")
@@ -81,8 +86,6 @@ class ConvertConfig:
         _positive("--experts", self.num_experts)
         if self.top_k is not None and self.budget is not None:
             raise InvalidArgumentError("give --top-k or --budget, not both")
-        if self.top_k is None and self.budget is None:
-            raise InvalidArgumentError("give --top-k or --budget")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise InvalidArgumentError(f"--budget {self.budget} must be in (0, 1]")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
@@ -98,6 +101,8 @@ class ConvertConfig:
         _positive("--router-epochs", self.router_epochs)
         _positive("--calibration-sequences", self.calibration_sequences)
         _positive("--sample-size", self.sample_size)
+        if self.sample_size < MIN_SAMPLE_SIZE:
+            raise InvalidArgumentError(f"--sample-size {self.sample_size} is too small to train a router; use {MIN_SAMPLE_SIZE} or more")
         if not self.eps or any(e <= 0 for e in self.eps):
             raise InvalidArgumentError(f"eps values must be > 0, got {self.eps}")
         if any(not 0.0 < f <= 1.0 for f in self.router_k_fractions):
@@ -122,6 +127,11 @@ class ConvertConfig:
     def num_shared(self) -> int:
         return round(self.shared_fraction * self.num_experts)
 
+    @property
+    def effective_budget(self) -> float | None:
+        """The budget the routers are trained for (None: `top_k` is given)."""
+        return None if self.top_k is not None else (self.budget if self.budget is not None else DEFAULT_BUDGET)
+
     def min_calibration_tokens(self) -> int:
         return max(1024, 8 * self.num_experts)
 
@@ -132,8 +142,8 @@ class ConvertConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     @classmethod
-    def from_json(cls, d: dict, *, source: str = "moefy.json") -> ConvertConfig:
-        return _from_json(cls, d, source)
+    def from_json(cls, d: dict, *, source: str = "moefy.json", complete: bool = False) -> ConvertConfig:
+        return _from_json(cls, d, source, complete)
 
 
 @dataclass(frozen=True)
@@ -164,18 +174,25 @@ class RuntimeConfig:
         _choice("--kernel", self.kernel, KERNELS)
 
     def replace(self, **changes: Any) -> RuntimeConfig:
+        """These settings with `changes`; giving top_k clears budget and the reverse (they exclude
+        each other), so a saved budget never blocks a new k."""
+        if changes.get("top_k") is not None and "budget" not in changes:
+            changes["budget"] = None
+        if changes.get("budget") is not None and "top_k" not in changes:
+            changes["top_k"] = None
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict, *, source: str = "moefy.json") -> RuntimeConfig:
-        return _from_json(cls, d, source)
+    def from_json(cls, d: dict, *, source: str = "moefy.json", complete: bool = False) -> RuntimeConfig:
+        return _from_json(cls, d, source, complete)
 
 
-def _from_json(cls: Any, d: object, source: str) -> Any:
-    """Strict: a non-object or an unknown key (e.g. from a newer moefy) is a clear error."""
+def _from_json(cls: Any, d: object, source: str, complete: bool) -> Any:
+    """Strict: a non-object or an unknown key (e.g. from a newer moefy) is a clear error; with
+    `complete`, so is a missing key."""
     if not isinstance(d, dict):
         raise InvalidArgumentError(f"{source}: settings must be a JSON object, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls)}
@@ -184,6 +201,9 @@ def _from_json(cls: Any, d: object, source: str) -> Any:
         raise InvalidArgumentError(
             f"{source}: unknown setting(s) {', '.join(unknown)} (written by a newer moefy?); known: {', '.join(known)}"
         )
+    missing = sorted(set(known) - set(d)) if complete else []
+    if missing:
+        raise InvalidArgumentError(f"{source}: missing setting(s) {', '.join(missing)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     try:
         return cls(**values)
@@ -213,8 +233,6 @@ PRESETS: dict[str, dict[str, Any]] = {}
 def config_for(model_name: str, **overrides: Any) -> ConvertConfig:
     """The recommended config for a model, with the user's overrides (None = keep the default)."""
     values = {**PRESETS.get(model_name, {}), **{k: v for k, v in overrides.items() if v is not None}}
-    if "top_k" in values and "budget" not in values:
-        values["budget"] = None  # --top-k replaces the default budget
     return ConvertConfig(**values)
 
 

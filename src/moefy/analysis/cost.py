@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moefy.convert import layer_shape, moe_layers, router_flops
+from moefy.convert import layer_flops, layer_shape, moe_layers, router_flops
 from moefy.flops import dense_ffn_flops, moe_ffn_flops
 
 from .store import AnalysisError
@@ -51,19 +51,9 @@ def cost_breakdown(model: nn.Module, *, name: str, layer_names: list[str] | None
         raise AnalysisError("the model has no MoE layers: a cost breakdown needs a converted model")
     rows: dict[str, list] = {k: [] for k in ("n", "k", "sel", "dense", "router", "static", "no_static")}
     for m in layers:
-        shape = layer_shape(m)
-        dense = dense_ffn_flops(shape)
-        k = m.mean_selected if (measured and m.tokens_seen) else float(m.top_k)
-        r = router_flops(m)
-        if m.selection == "oracle":  # evaluates every expert to rank them
-            static = no_static = float(dense)
-        elif m.selection == "all":
-            k = float(m.num_experts)
-            static = no_static = moe_ffn_flops(shape, m.num_experts, k, 0)
-        else:
-            static = moe_ffn_flops(shape, m.num_experts, k, r)
-            no_static = moe_ffn_flops(shape, m.num_experts, k, r, static_embeddings=False)
-        for key, v in zip(rows, (m.num_experts, k, m.selection, dense, r, static, no_static), strict=True):
+        dense, static, no_static = layer_flops(m, measured)
+        k = float(m.num_experts) if m.runs_dense else (m.mean_selected if (measured and m.tokens_seen) else float(m.top_k))
+        for key, v in zip(rows, (m.num_experts, k, m.selection, dense, router_flops(m), static, no_static), strict=True):
             rows[key].append(v)
     first = layers[0]
     shape, n, r = layer_shape(first), first.num_experts, router_flops(first)

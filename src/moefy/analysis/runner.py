@@ -156,6 +156,8 @@ def analyze_conversion(
     meta = read_metadata(folder)
     out = Path(out) if out is not None else folder / "analysis"
     base_name = meta["base"]["name"]
+    if base_name == ".":  # a standalone export: the base is the folder itself
+        base_name = str(folder.resolve())
     if recompute or not (out / f"{sparsity_stem(base_name)}.json").is_file():
         analyze_dense(base_name, out, options)
     if options.relu_reference:  # Figure 1's comparison: a GeLU model and the synthetic ReLU reference

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=cmd.summary, description=inspect.cleandoc(cmd.run.__doc__ or cmd.summary),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_arguments(s)
+        s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         s.set_defaults(func=cmd.run)
     return p
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import MISSING, Field, fields
 from typing import Any, NoReturn
 
-from moefy.settings import ConvertConfig, RuntimeConfig, flag_name
+from moefy.settings import RuntimeConfig, flag_name
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,9 +64,12 @@ def settings_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
-def runtime_from(args: argparse.Namespace) -> RuntimeConfig | None:
+def runtime_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The runtime flags the user gave, checked now (before any model loads); they override the
+    runtime a converted folder was saved with, flag by flag."""
     given = settings_from(args, RuntimeConfig)
-    return RuntimeConfig(**given) if given else None
+    RuntimeConfig().replace(**given)  # validates the values and their combination
+    return given
 
 
-__all__ = ["Parser", "add_settings", "settings_from", "runtime_from", "ConvertConfig", "RuntimeConfig"]
+__all__ = ["Parser", "add_settings", "runtime_changes", "settings_from"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moefy.cli.flags import add_settings, runtime_from, settings_from
-from moefy.cli.output import change, check_json_path, print_table, write_json
+from moefy.cli.flags import add_settings, runtime_changes, settings_from
+from moefy.cli.output import change, check_json_path, check_text_files, print_table, write_json
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 
 MODEL_HELP = "bundled name (smollm2-135m, minilm-l6), model folder, HF id, or converted folder"
@@ -19,17 +19,6 @@ def _positive(flag: str, value: int, minimum: int = 1) -> None:
 
     if value < minimum:
         raise InvalidArgumentError(f"{flag} {value} must be at least {minimum}")
-
-
-def _check_text_files(files: list[str] | None, flag: str) -> None:
-    from moefy.errors import TextError
-
-    for f in files or []:
-        if not Path(f).is_file():
-            raise TextError(f"{flag} {f!r}: no such file")
-    names = [Path(f).name for f in files or []]
-    if len(set(names)) != len(names):
-        raise TextError(f"{flag}: two files share a base name ({', '.join(names)}); their results would collide")
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -54,15 +43,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     LMs, embedding fidelity and retrieval accuracy for encoders. Runtime flags (--top-k, --budget,
     --tau, --selection, --kernel) change how a converted model runs, without re-converting."""
     _check_text_flags(args)
-    runtime = runtime_from(args)
+    changes = runtime_changes(args)
+    converted_folder = (Path(args.model) / "moefy.json").is_file()
+    if (changes or args.base) and not converted_folder:
+        from moefy.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"{args.model!r} is not a converted folder; --base and the runtime flags "
+            "(--top-k, --budget, --tau, --selection, --kernel) apply to converted folders only"
+        )
     from moefy.api import evaluate_model, load
     from moefy.moe_model import MoEModel
 
-    target = load(args.model, base=args.base, runtime=runtime)
-    if runtime is not None and not isinstance(target, MoEModel):
-        from moefy.errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"{args.model!r} is a dense model; --top-k/--budget/--selection apply to converted folders")
+    target = load(args.model, base=args.base)
+    if isinstance(target, MoEModel) and changes:
+        target.configure(**changes)
     results = evaluate_model(target, text_files=args.text, seq_len=args.seq_len, max_sequences=args.max_sequences, progress=True)
     print_table(results["splits"])
     if "ffn_flops_fraction" in results:
@@ -84,7 +79,7 @@ def _add_text_flags(s: argparse.ArgumentParser, text_help: str, max_sequences: i
 def _check_text_flags(args: argparse.Namespace) -> None:
     _positive("--seq-len", args.seq_len, 8)
     _positive("--max-sequences", args.max_sequences)
-    _check_text_files(args.text, "--text")
+    check_text_files(args.text, "--text")
     check_json_path(args.json)
 
 
@@ -145,8 +140,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     it) and save the plan as an adapter folder: moefy.json + plan.safetensors. The defaults are the
     recommended settings."""
     config = _config(args)  # every setting checked before anything loads
-    _check_text_files(args.calibration_text, "--calibration-text")
-    from moefy.plan import check_writable
+    check_text_files(args.calibration_text, "--calibration-text")
+    from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
     from moefy.api import convert
@@ -187,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     MoE model, save its plan and results, and write its HTML report."""
     config = _config(args)
     _positive("--eval-sequences", args.eval_sequences)
-    from moefy.plan import check_writable
+    from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
     from moefy.pipeline import run_main_job
@@ -245,7 +240,7 @@ def add_inspect(s: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write one standalone folder (the base model's weights, config and tokenizer + the plan) that
     `MoEModel.from_pretrained(FOLDER)` or `moefy eval FOLDER` loads on another machine."""
-    from moefy.plan import check_writable
+    from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
     from moefy.moe_model import MoEModel

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from moefy.errors import InvalidArgumentError
-from moefy.plan import existing_parent
+from moefy.outputs import existing_parent
 
 
 def fmt(v: object) -> str:
@@ -63,3 +63,15 @@ def write_json(path: str, payload: dict) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     print(f"wrote {path}")
+
+
+def check_text_files(files: list[str] | None, flag: str) -> None:
+    """Every text file exists, and no two share a base name (their results would collide)."""
+    from moefy.errors import TextError
+
+    for f in files or []:
+        if not Path(f).is_file():
+            raise TextError(f"{flag} {f!r}: no such file")
+    names = [Path(f).name for f in files or []]
+    if len(set(names)) != len(names):
+        raise TextError(f"{flag}: two files share a base name ({', '.join(names)}); their results would collide")

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from moefy.cli.flags import add_settings, runtime_from
-from moefy.cli.output import check_json_path, write_json
+from moefy.cli.flags import add_settings, runtime_changes
+from moefy.cli.output import change, check_json_path, check_text_files, write_json
 from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.settings import RuntimeConfig
 
@@ -30,8 +29,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     --model CKPT, end-to-end greedy decoding tokens/s and prefill time of a converted model
     against its dense base."""
     _check(args)
-    runtime = runtime_from(args)
-    if runtime is not None and not args.model:
+    changes = runtime_changes(args)
+    if changes and not args.model:
         raise InvalidArgumentError("--top-k/--budget/--selection/--kernel need --model CKPT")
     import torch
 
@@ -57,7 +56,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from moefy.moe_model import MoEModel
         from moefy.text import bundled_text, tokenize_text
 
-        converted = MoEModel.from_pretrained(args.model, runtime=runtime)
+        converted = MoEModel.from_pretrained(args.model, base=args.base).configure(**changes)
         dense = load_model(converted.loaded.source)
         batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, 256, 4)
         e2e = bench_models(dense.model, converted.model, batch.input_ids[:1, :32], batch.input_ids,
@@ -73,6 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", metavar="CKPT", help="a converted folder: also benchmark decoding and prefill end to end")
+    s.add_argument("--base", metavar="MODEL", help="with --model: the base model, if it moved")
     s.add_argument("--quick", action="store_true", help="only the d=576/h=1536 layer shapes")
     s.add_argument("--no-layers", action="store_true", help="skip the FFN-layer benchmark")
     s.add_argument("--repeats", type=int, default=10, metavar="N", help="timed repeats per configuration, median (default: 10)")
@@ -90,7 +90,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     held-out perplexity before and after)."""
     from pathlib import Path
 
-    from moefy.plan import check_writable, is_plan_folder
+    from moefy.outputs import check_writable
+    from moefy.plan import is_plan_folder
 
     if not (Path(args.checkpoint).is_dir() and is_plan_folder(args.checkpoint)):
         raise CheckpointError(f"{args.checkpoint!r} is not a converted folder (convert a model first)")
@@ -98,11 +99,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_json_path(args.json)
     if args.calibration_sequences < 1 or args.eval_sequences < 0:
         raise InvalidArgumentError("--calibration-sequences must be >= 1 and --eval-sequences >= 0")
+    check_text_files(args.calibration_text, "--calibration-text")
     from moefy.api import calibration_batches, evaluate_model
     from moefy.cli.output import print_table
-    from moefy.finetune import finetune_routers
+    from moefy.finetune import check_finetune_args, finetune_routers
     from moefy.moe_model import MoEModel
 
+    check_finetune_args(args.steps, args.lr, args.balance_weight, args.z_weight, args.batch_size)
     converted = MoEModel.from_pretrained(args.checkpoint, base=args.base)
     before = evaluate_model(converted, max_sequences=args.eval_sequences) if args.eval_sequences else None
     batches = calibration_batches(converted.loaded, args.calibration_text, args.calibration_sequences)
@@ -123,9 +126,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
          "CV² before": b.cv_squared, "CV² after": a.cv_squared}
         for b, a in zip(report.load_before, report.load_after, strict=True)
     ])
-    for key in ("perplexity_before", "perplexity_after"):
-        if key in summary:
-            print(f"{key}: {json.dumps(summary[key])}")
+    if "perplexity_after" in summary:
+        before_ppl, after_ppl = summary["perplexity_before"], summary["perplexity_after"]
+        print_table([{"split": k, "perplexity before": before_ppl[k], "after": after_ppl[k],
+                      "change": change(before_ppl[k], after_ppl[k])} for k in before_ppl])
     print(f"saved {args.out}")
     if args.json:
         write_json(args.json, report.to_json() | {"summary": summary})

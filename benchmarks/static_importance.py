@@ -1,4 +1,4 @@
-"""SNIP-style static expert importance: a first-order (Taylor) estimate of how much the loss
+"""SNIP-style static expert importance (a benchmark study: the static rows of quality_grid.py): a first-order (Taylor) estimate of how much the loss
 changes when an expert is replaced by its representative, averaged over calibration text.
 
 For token t and expert e, dropping e changes the FFN output by −(v_e − m_e); to first order
