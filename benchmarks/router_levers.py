@@ -27,14 +27,14 @@ from torch import Tensor
 
 from moefy.api import calibration_batches
 from moefy.calibrate import calibrate_blockwise
+from moefy.convert import ffn_shape, top_k_for_budget
 from moefy.errors import InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn
-from moefy.flops import FFNShape, k_for_budget
 from moefy.kernels import ExpertWeights
 from moefy.models import load_model
 from moefy.neuron_selection import fit_gate_estimate, neuron_selection_ffn
-from moefy.routers import MLPRouter, expert_targets, fit_router, topk_recall
+from moefy.routers import expert_targets, fit_router, router_flops_per_token, topk_recall
 from moefy.specs import find_blocks
 from moefy.text import bundled_text, tokenize_text
 
@@ -66,9 +66,8 @@ def expert_rows(ffn: FFNWeights, xc: Tensor, xe: Tensor, a: Tensor, mean: Tensor
     experts = ExpertWeights.from_ffn(ffn, plan.perm, n)
     reps = mean[plan.perm].reshape(n, -1)
     ns = plan.num_shared
-    shape = FFNShape(ffn.d_model, ffn.d_ff, ffn.gated, ffn.b_up is not None, ffn.b_down is not None)
-    router_flops = MLPRouter(ffn.d_model, n - ns, hidden).flops_per_token()
-    ks = [k_for_budget(shape, n, b, router_flops, min_k=ns + 1) - ns for b in budgets]
+    router_flops = router_flops_per_token(ffn.d_model, n - ns, hidden)
+    ks = [top_k_for_budget(ffn_shape(ffn), n, ns, router_flops, b) - ns for b in budgets]
     g = torch.Generator().manual_seed(seed)
     train = torch.randperm(xc.shape[0], generator=g)[:samples]
     targets_c = expert_targets(experts, reps, xc[train])[:, ns:]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moefy.convert import apply, check_config_for, ffn_flops_fraction, ffn_shape, moe_layers, search
+from moefy.errors import InvalidArgumentError
 from moefy.evaluate import (
     embedding_fidelity,
     paired_texts,
@@ -162,14 +163,20 @@ def flops_table(name: str, *, experts: int | None = None, top_k: int | None = No
         from moefy.convert import layer_shape
 
         m = moe_layers(target.model)[0]
+        if experts is not None and experts != m.num_experts:
+            raise InvalidArgumentError(f"--experts {experts}: {name} has {m.num_experts} experts per FFN")
         shape, experts, ks = layer_shape(m), m.num_experts, [top_k or m.top_k]
         router = m.router.flops_per_token() if m.router is not None else 0
     else:
         defaults = ConvertConfig()
         experts = experts or defaults.num_experts
         shape = ffn_shape(extract_ffn(find_blocks(target.model, target.spec)[0][1], target.spec))
+        defaults.replace(num_experts=experts).validate_for(shape.d_ff)
         ks = [top_k] if top_k else [max(1, experts * f // 8) for f in (1, 2, 4, 6, 7)]
-        router = router_flops_per_token(shape.d_model, experts, defaults.router_hidden)
+        shared = defaults.replace(num_experts=experts, top_k=None).num_shared  # the recommended shared experts
+        router = router_flops_per_token(shape.d_model, experts - shared, defaults.router_hidden)
+    if any(not 1 <= k <= experts for k in ks):
+        raise InvalidArgumentError(f"--top-k {ks[0]} must be between 1 and {experts}")
     dense = dense_ffn_flops(shape)
     rows = []
     for k in ks:

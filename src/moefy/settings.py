@@ -46,7 +46,7 @@ class ConvertConfig:
         default=None,
         metadata=_opt(
             f"FFN FLOPs budget as a fraction of dense, router included; the routers are trained for the k it gives "
-            f"({DEFAULT_BUDGET} when --top-k is not given either)"
+            f"(without --top-k: {DEFAULT_BUDGET})"
         ),
     )
     top_k: int | None = field(
@@ -79,6 +79,8 @@ class ConvertConfig:
     seed: int = field(default=0, metadata=_opt("random seed"))
 
     def __post_init__(self) -> None:
+        if self.top_k is None and self.budget is None:  # neither given: the default budget, written down
+            object.__setattr__(self, "budget", DEFAULT_BUDGET)
         self.validate()
 
     def validate(self) -> None:
@@ -136,7 +138,8 @@ class ConvertConfig:
         return max(1024, 8 * self.num_experts)
 
     def replace(self, **changes: Any) -> ConvertConfig:
-        return dataclasses.replace(self, **changes)
+        """These settings with `changes`; giving top_k clears budget and the reverse."""
+        return dataclasses.replace(self, **_exclusive(changes))
 
     def to_json(self) -> dict:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
@@ -176,11 +179,7 @@ class RuntimeConfig:
     def replace(self, **changes: Any) -> RuntimeConfig:
         """These settings with `changes`; giving top_k clears budget and the reverse (they exclude
         each other), so a saved budget never blocks a new k."""
-        if changes.get("top_k") is not None and "budget" not in changes:
-            changes["budget"] = None
-        if changes.get("budget") is not None and "top_k" not in changes:
-            changes["top_k"] = None
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_exclusive(changes))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +187,16 @@ class RuntimeConfig:
     @classmethod
     def from_json(cls, d: dict, *, source: str = "moefy.json", complete: bool = False) -> RuntimeConfig:
         return _from_json(cls, d, source, complete)
+
+
+def _exclusive(changes: dict[str, Any]) -> dict[str, Any]:
+    """top_k and budget exclude each other: setting one clears the other unless both are given."""
+    changes = dict(changes)
+    if changes.get("top_k") is not None and "budget" not in changes:
+        changes["budget"] = None
+    if changes.get("budget") is not None and "top_k" not in changes:
+        changes["top_k"] = None
+    return changes
 
 
 def _from_json(cls: Any, d: object, source: str, complete: bool) -> Any:

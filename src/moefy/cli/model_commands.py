@@ -114,6 +114,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
     check_json_path(args.json)
     if args.experts is not None:
         _positive("--experts", args.experts)
+    if args.top_k is not None:
+        _positive("--top-k", args.top_k)
     from moefy.api import flops_table
 
     rows = flops_table(args.model, experts=args.experts, top_k=args.top_k)
@@ -182,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     MoE model, save its plan and results, and write its HTML report."""
     config = _config(args)
     _positive("--eval-sequences", args.eval_sequences)
+    args.out = args.out or f"runs/{Path(args.model).name}-moe"
     from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
@@ -205,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def add_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", nargs="?", default="smollm2-135m", help="model to convert (default: smollm2-135m)")
-    s.add_argument("--out", default="runs/smollm2-135m-moe", help="output folder (default: runs/smollm2-135m-moe)")
+    s.add_argument("--out", help="output folder (default: runs/MODEL-moe, MODEL the model's name)")
     s.add_argument("--eval-sequences", type=int, default=40, metavar="N", help="256-token windows per held-out split (default: 40)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--no-report", action="store_true", help="skip the HTML report")
