@@ -473,3 +473,59 @@ def test_neuron_selection_refuses_save_pretrained(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="save_pretrained"):
         loaded.model.save_pretrained(tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_saved_folders_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = convert_tiny(loaded_tiny("llama")).save(tmp_path / "plan")
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in folder.iterdir())
+
+
+def test_sigterm_during_a_conversion_leaves_nothing_half_written(tiny_folder: Path, calibration_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """A CLI conversion killed with SIGTERM while it works exits 143 and leaves no output folder and
+    no temporary folder behind."""
+    import signal
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moefy.cli", "convert", str(tiny_folder), "--experts", "8", "--top-k", "4",
+           "--shared", "0", "--calibration-text", str(calibration_file), "--router-epochs", "20000", "--out", str(out)]
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err_parts: list[str] = []
+    converting = threading.Event()
+
+    def read_stderr() -> None:  # the progress bar appears once the CLI is converting (signal handler set)
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read(1):  # unbuffered: the bar's first line has no successor for minutes
+            err_parts.append(chunk)
+            if chunk == ":" and "".join(err_parts[-11:]) == "converting:":
+                converting.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    assert converting.wait(timeout=120), "".join(err_parts)[-2000:]
+    time.sleep(1)  # inside the first router's training (20000 epochs: minutes)
+    assert proc.poll() is None, "the conversion ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = "".join(err_parts)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    from moefy.cli import Terminated
+    from moefy.outputs import atomic_folder
+
+    with pytest.raises(Terminated), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "moefy.json").write_text("{}")
+        raise Terminated
+    assert list(tmp_path.iterdir()) == []

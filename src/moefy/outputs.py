@@ -30,6 +30,7 @@ def atomic_folder(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[P
         raise CheckpointError(f"cannot write to {str(out.parent)!r}: {e.strerror}") from None
     try:
         yield tmp
+        _default_permissions(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -61,3 +62,12 @@ def existing_parent(path: Path) -> Path:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     return parent
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give a finished temporary folder the permissions a plain mkdir / open would have (mkdtemp and
+    some writers use owner-only modes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -9,7 +9,9 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -75,8 +77,18 @@ def _quiet_libraries(verbose: bool) -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that half-written outputs are cleaned up on the way out."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moefy: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("moefy: terminated", file=sys.stderr)
+        return 143
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]
