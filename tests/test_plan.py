@@ -509,11 +509,16 @@ def test_sigterm_during_a_conversion_leaves_nothing_half_written(tiny_folder: Pa
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    assert converting.wait(timeout=120), "".join(err_parts)[-2000:]
-    time.sleep(1)  # inside the first router's training (20000 epochs: minutes)
-    assert proc.poll() is None, "the conversion ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
+    try:
+        assert converting.wait(timeout=120), "".join(err_parts)[-2000:]
+        time.sleep(1)  # inside the first router's training (20000 epochs: minutes)
+        assert proc.poll() is None, "the conversion ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # never leave a stray conversion running
+            proc.kill()
+            proc.wait()
     reader.join(timeout=10)
     err = "".join(err_parts)
     assert proc.returncode == 143, err[-2000:]
