@@ -26,7 +26,7 @@ from moefy.convert import apply, base_identity, moe_layers
 from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.models import LoadedModel, load_model
 from moefy.outputs import atomic_folder
-from moefy.plan import ModelPlan, read_metadata
+from moefy.plan import ModelPlan
 from moefy.settings import RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class MoEModel:
 
     # ---- save / export ------------------------------------------------------------------------
     def sync_plan(self) -> ModelPlan:
-        """Copy what may have been trained in place (routers, representatives) back into the plan."""
+        """Copy what may have changed in place (routers, representatives, importance) back into the plan."""
         for lp, m in zip(self.plan.layers, moe_layers(self.model), strict=True):
             lp.representatives = m.representatives.detach().float().cpu().clone()
             lp.importance = m.importance.detach().float().cpu().clone()
@@ -98,12 +98,11 @@ class MoEModel:
         """Load a plan folder onto its base model: `base` (a name, folder or loaded model), else the
         base the plan records. The plan is read and checked before the base is loaded."""
         folder = Path(folder)
-        meta = read_metadata(folder)
         plan = ModelPlan.load(folder)
         if isinstance(base, LoadedModel):
             loaded = base
         else:
-            name = base or meta["base"]["name"]
+            name = base or plan.base.name
             loaded = load_model(str(folder) if name == SELF else name)
         identity = base_identity(loaded)
         if not identity.same_weights(plan.base):
