@@ -371,7 +371,7 @@ def test_a_settings_typo_fails_fast_in_one_line(tmp_path: Path) -> None:
     assert "--method" in lines[0] and "kmean" in lines[0] and all(m in lines[0] for m in METHODS)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written: no output folder, no cache
-    assert elapsed < 10
+    assert elapsed < 2.0  # the bound; measured 0.06 s: no torch or transformers import before the check
 
 
 # ---- the contracts a review of the plan split asked for ------------------------------------------

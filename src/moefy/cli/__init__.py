@@ -64,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    """Silence transformers' log lines and load bars (unless -v) through its environment variables,
+    so that nothing heavy is imported before the command has checked its arguments."""
     if verbose:
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        import transformers
-
+    if "transformers" in sys.modules:  # already imported (e.g. main() called from Python): tell it directly
+        transformers = sys.modules["transformers"]
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 class Terminated(BaseException):
