@@ -534,3 +534,24 @@ def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path: Path) -> None:
         (tmp / "moefy.json").write_text("{}")
         raise Terminated
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_whose_tokenizer_adds_bos_itself_evaluates_converts_and_generates(tmp_path: Path) -> None:
+    """Llama-3 / Mistral / Gemma tokenizers add BOS themselves: windows must still be exactly
+    seq_len tokens with one BOS first (this used to end in `shape '[-1, 256]' is invalid`)."""
+    from moefy.cli import main
+    from moefy.text import tokenize_text
+
+    folder = save_tiny_folder(tmp_path / "bos-llama", adds_bos=True)
+    loaded = load_model(str(folder))
+    assert loaded.tokenizer("ab").input_ids[0] == loaded.tokenizer.bos_token_id
+    batch = tokenize_text("hello world " * 200, loaded.tokenizer, 64, 4)
+    assert batch.input_ids.shape == (4, 64) and (batch.input_ids[:, 0] == loaded.tokenizer.bos_token_id).all()
+    assert (batch.input_ids[:, 1:] != loaded.tokenizer.bos_token_id).all()
+    assert main(["eval", str(folder), "--max-sequences", "2", "--seq-len", "64"]) == 0
+    out = tmp_path / "moe"
+    assert main(["convert", str(folder), "--experts", "8", "--top-k", "4", "--shared", "0", "--sample-size", "512",
+                 "--router-epochs", "2", "--calibration-sequences", "8", "--out", str(out)]) == 0
+    moe = MoEModel.from_pretrained(out)
+    prompt = moe.tokenizer("abc", return_tensors="pt").input_ids
+    assert moe.model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, prompt.shape[1] + 4)

@@ -79,6 +79,9 @@ def evaluate_model(
     retrieval accuracy (encoders; fidelity against the dense base model's embeddings)."""
     loaded = _loaded(target)
     model = loaded.model
+    context = loaded.context_length
+    if context is not None and seq_len > context:
+        raise InvalidArgumentError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens")
     for m in moe_layers(model):
         m.reset_counters()
     splits = []

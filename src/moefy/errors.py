@@ -42,3 +42,7 @@ class CalibrationError(MoefyError):
 
 class CheckpointError(MoefyError):
     """A converted-model folder that is missing, corrupt, or made from another base model."""
+
+
+class EvaluationError(MoefyError):
+    """An evaluation that produced no usable number (non-finite loss)."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moefy.errors import TextError
+from moefy.errors import EvaluationError, TextError
 from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ def perplexity(model: nn.Module, batch: TokenBatch, batch_size: int = 8, progres
         total_tokens += int(scored.sum())
     if total_tokens == 0:
         raise TextError(f"no scored tokens in {batch.name!r}")
+    if not math.isfinite(total_nll):
+        raise EvaluationError(
+            f"the model's loss on {batch.name!r} is not finite (NaN or inf logits): its weights or plan are corrupt"
+        )
     return math.exp(total_nll / total_tokens)
 
 

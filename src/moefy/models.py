@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moefy.errors import MissingDependencyError, UnknownModelError
@@ -75,6 +76,16 @@ class LoadedModel:
     spec: ArchSpec
     name: str  # what the user asked for (bundled name, folder or hub id)
     source: str  # the folder it was read from
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model's position embeddings allow (None: not bounded by config)."""
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def is_causal(self) -> bool:
@@ -210,11 +221,32 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = _resolve_folder(name)
-    config = AutoConfig.from_pretrained(folder)
+    # trust_remote_code=False everywhere: a folder's own Python (config "auto_map") never runs;
+    # use_safetensors=True: no pickle is ever unpickled
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UnknownModelError(f"{folder}/config.json is not a usable Hugging Face config: {_first_line(e)}") from None
     spec = spec_for(config.model_type)  # raises with the supported list
+    if getattr(config, "auto_map", None):
+        log.warning("%s: ignoring the folder's custom code (auto_map); moefy loads the built-in %s classes",
+                    folder, config.model_type)
     auto = AutoModelForCausalLM if spec.causal and config.model_type != "t5" else AutoModel
     log.info("loading %s (%s) from %s", name, config.model_type, folder)
-    model = auto.from_pretrained(folder, dtype=dtype)
+    try:
+        model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise UnknownModelError(
+            f"cannot load the weights of {name!r} from {folder} (moefy reads safetensors only): {_first_line(e)}"
+        ) from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UnknownModelError(f"cannot load the tokenizer of {name!r} from {folder}: {_first_line(e)}") from None
     return LoadedModel(model=model, tokenizer=tokenizer, spec=resolve_spec(model), name=name, source=str(folder))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -2,8 +2,8 @@
 
 Splits are named `<domain>_<purpose>` (english_calibration, code_evaluation, ...). Token
 sequences are cut from the concatenated text in order (no shuffling), so every run sees the
-same tokens. A BOS token is prepended to each sequence when the tokenizer has one and does
-not add it itself (SmolLM2's does not).
+same tokens. Every causal window starts with one BOS token, whether the tokenizer adds it
+itself (Llama-3, Mistral, Gemma) or not (SmolLM2).
 """
 
 from __future__ import annotations
@@ -126,21 +126,22 @@ def tokenize_text(
     """Cut `text` into windows of exactly `seq_len` tokens (special tokens included).
 
     Causal tokenizers: [BOS] + seq_len-1 text tokens, windows `stride` apart (default: no
-    overlap). Encoder tokenizers ([CLS] ... [SEP]): the tokenizer's own wrapping around
-    seq_len-2 text tokens, no overlap.
+    overlap); the BOS is the one the tokenizer adds itself (Llama-3, Mistral, Gemma) or, if it adds
+    none, its `bos_token_id` (SmolLM2). Encoder tokenizers ([CLS] ... [SEP]): the tokenizer's own
+    wrapping around the text tokens that fit, no overlap.
     """
     if seq_len < 8:
         raise TextError(f"seq_len={seq_len} is too short; use at least 8 tokens")
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    if _special_wrapped(tokenizer):
-        body = seq_len - 2
+    prefix, suffix = _special_wrapping(tokenizer) if _special_wrapped(tokenizer) else ([], [])
+    if suffix or len(prefix) > 1:  # encoder wrapping ([CLS] ... [SEP]): the tokenizer's own, around each window
+        body = seq_len - len(prefix) - len(suffix)
         n = len(ids) // body
-        prefix, suffix = _special_wrapping(tokenizer)
         rows = [prefix + ids[i * body : (i + 1) * body] + suffix for i in range(n)]
         input_ids = torch.tensor(rows, dtype=torch.long).reshape(-1, seq_len)
         scored = None
-    else:
-        bos = _bos_to_prepend(tokenizer)
+    else:  # causal: [BOS] (the one the tokenizer adds itself, else its bos token if it has one) + text
+        bos = prefix[0] if prefix else _bos_to_prepend(tokenizer)
         body = seq_len - (1 if bos is not None else 0)
         input_ids, scored = sliding_windows(ids, seq_len, stride or body, bos)
     if max_sequences is not None:

@@ -1,0 +1,81 @@
+"""Loading model folders safely: a folder's own Python never runs, only safetensors are read, and a
+broken folder is a one-line error (exit 2 from the CLI), not a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moefy.cli import main
+from moefy.errors import MoefyError
+from moefy.models import load_model
+from tests.tiny_folders import save_tiny_folder
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return save_tiny_folder(tmp_path / "tiny-llama")
+
+
+def test_a_folders_custom_code_never_runs(folder: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+    (folder / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_model.Cfg", "AutoModelForCausalLM": "custom_model.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_model(str(folder))
+    assert type(loaded.model).__module__.startswith("transformers.")
+    assert not marker.exists()
+
+
+def test_pickled_weights_are_not_read(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    model = load_model(str(folder)).model
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(MoefyError, match="safetensors only"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["config_not_json", "config_no_model_type", "no_weights", "truncated_weights", "no_tokenizer"],
+)
+def test_a_broken_folder_is_a_one_line_error(breakage: str, folder: Path, capsys) -> None:
+    if breakage == "config_not_json":
+        (folder / "config.json").write_text("{not json")
+    elif breakage == "config_no_model_type":
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("model_type")
+        config.pop("architectures", None)
+        (folder / "config.json").write_text(json.dumps(config))
+    elif breakage == "no_weights":
+        (folder / "model.safetensors").unlink()
+    elif breakage == "truncated_weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        for f in folder.glob("tokenizer*"):
+            f.unlink()
+    assert main(["eval", str(folder), "--max-sequences", "1", "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moefy: error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_seq_len_beyond_the_context_is_refused(folder: Path, capsys) -> None:
+    assert main(["eval", str(folder), "--seq-len", "1024", "--max-sequences", "1"]) == 2
+    assert "--seq-len 1024 exceeds the model's context of 512 tokens" in capsys.readouterr().err
+
+
+def test_a_non_finite_model_is_an_error_not_a_number(folder: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in weights if "mlp.down_proj" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["eval", str(folder), "--seq-len", "32", "--max-sequences", "1"]) == 2
+    assert "not finite" in capsys.readouterr().err
