@@ -24,7 +24,7 @@ from moefy.errors import CheckpointError, InvalidArgumentError, MoefyError
 from moefy.ffn import extract_ffn
 from moefy.models import LoadedModel, load_model
 from moefy.moe_model import MoEModel
-from moefy.plan import ADAPTER_FILES, CONFIG_FILE, PLAN_FILE, ModelPlan
+from moefy.plan import ADAPTER_FILES, CONFIG_FILE, PLAN_FILE, ModelPlan, file_sha256
 from moefy.settings import METHODS, RuntimeConfig, config_for
 from moefy.specs import find_blocks
 from tests.analysis_fixtures import convert_tiny, loaded_tiny
@@ -189,13 +189,40 @@ def saved_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_tiny(loaded_tiny("llama"), shared_fraction=0.25).save(tmp_path_factory.mktemp("saved") / "plan")
 
 
+def _rehash(folder: Path) -> None:
+    """Record the plan file's new SHA-256, as someone editing it on purpose would: what remains to
+    catch the damage are the structural checks."""
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta["files"][PLAN_FILE] = file_sha256(folder / PLAN_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+
+
 def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
     def run(folder: Path) -> None:
         tensors = load_file(str(folder / PLAN_FILE))
         edit(tensors)
         save_file(tensors, str(folder / PLAN_FILE))
+        _rehash(folder)
 
     return run
+
+
+def _swap_layers_unhashed(folder: Path) -> None:
+    """Two layers' tensors swapped (same shapes, all valid values): only the checksum can tell."""
+    tensors = load_file(str(folder / PLAN_FILE))
+    _swap_layers(tensors)
+    save_file(tensors, str(folder / PLAN_FILE))
+
+
+def _flip_byte(folder: Path) -> None:
+    data = bytearray((folder / PLAN_FILE).read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor: still a valid file, one value changed
+    (folder / PLAN_FILE).write_bytes(bytes(data))
+
+
+def _swap_layers(t: dict) -> None:
+    for name in ("representatives", "importance"):
+        t[f"layers.0.{name}"], t[f"layers.1.{name}"] = t[f"layers.1.{name}"], t[f"layers.0.{name}"]
 
 
 def _edit_json(edit: Callable[[dict], object]) -> Callable[[Path], None]:
@@ -234,8 +261,14 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
         _edit_tensors(lambda t: _set(t, "layers.1.representatives", t["layers.1.representatives"][:, :8].clone())),
         r"layers\.1\.representatives has shape \(8, 8\), expected \(8, 16\)",
     ),
-    "not_safetensors": (lambda f: (f / PLAN_FILE).write_bytes(b"not safetensors"), "cannot be read as safetensors"),
-    "no_plan_file": (lambda f: (f / PLAN_FILE).unlink(), "cannot be read as safetensors"),
+    "not_safetensors": (lambda f: (f / PLAN_FILE).write_bytes(b"not safetensors"), "SHA-256 differs"),
+    "not_safetensors_rehashed": (
+        lambda f: ((f / PLAN_FILE).write_bytes(b"not safetensors"), _rehash(f)), "cannot be read as safetensors"
+    ),
+    "byte_flip": (_flip_byte, "SHA-256 differs"),
+    "layers_swapped": (_swap_layers_unhashed, "SHA-256 differs"),
+    "no_plan_file": (lambda f: (f / PLAN_FILE).unlink(), r"plan\.safetensors: missing"),
+    "json_files_missing": (_edit_json(lambda m: m.pop("files") and None), r"missing keys \['files'\]"),
     "no_json": (lambda f: (f / CONFIG_FILE).unlink(), "not a moefy folder: moefy.json is missing"),
     "json_syntax": (lambda f: (f / CONFIG_FILE).write_text("{not json"), "not valid JSON"),
     "json_is_a_list": (_edit_json(lambda m: [m]), "not a moefy plan"),

@@ -93,13 +93,23 @@ def test_missing_package_says_how_to_install(monkeypatch) -> None:
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch) -> None:
+    """Every cached file is checksummed: weights, config and tokenizer alike; an extra or missing
+    file, or a manifest of the old kind (weights only), also invalidates the cache."""
     monkeypatch.setenv("MOEFY_CACHE", str(tmp_path))
     folder = tmp_path / "models" / "fake"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"truncated")
-    (folder / "moefy-cache.json").write_text(json.dumps({"sha256": "0" * 64}))
-    assert not models._cache_is_valid(folder)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text("{}")
     (folder / "moefy-cache.json").write_text(json.dumps({"sha256": models._sha256(folder / "model.safetensors")}))
+    assert not models._cache_is_valid(folder)  # old manifest: the tokenizer was never checksummed
+    (folder / "moefy-cache.json").write_text(json.dumps(models._cache_manifest(folder, "test")))
     assert models._cache_is_valid(folder)
+    (folder / "tokenizer.json").write_text('{"corrupt": true}')
+    assert not models._cache_is_valid(folder)  # a corrupted tokenizer is detected, not only the weights
+    (folder / "moefy-cache.json").write_text(json.dumps(models._cache_manifest(folder, "test")))
+    assert models._cache_is_valid(folder)
+    (folder / "extra.txt").write_text("x")
+    assert not models._cache_is_valid(folder)
+    (folder / "extra.txt").unlink()
     (folder / "moefy-cache.json").write_text("{not json")
     assert not models._cache_is_valid(folder)

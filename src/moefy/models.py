@@ -127,16 +127,29 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+CACHE_MANIFEST = "moefy-cache.json"
+
+
+def _cache_manifest(folder: Path, source: str) -> dict:
+    """The SHA-256 of every file of a cached folder (weights, config, tokenizer)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CACHE_MANIFEST)
+    return {"source": source, "files": {p.name: _sha256(p) for p in files}}
+
+
 def _cache_is_valid(folder: Path) -> bool:
-    manifest = folder / "moefy-cache.json"
-    weights = folder / "model.safetensors"
-    if not (manifest.is_file() and weights.is_file()):
+    """Every file the manifest lists is there with its checksum, and no file is missing from it."""
+    manifest = folder / CACHE_MANIFEST
+    if not manifest.is_file():
         return False
     try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError):
+        files = json.loads(manifest.read_text())["files"]
+        present = {p.name for p in folder.iterdir() if p.is_file() and p.name != CACHE_MANIFEST}
+        return (
+            isinstance(files, dict) and "model.safetensors" in files and set(files) == present
+            and all(_sha256(folder / name) == digest for name, digest in files.items())
+        )
+    except (ValueError, KeyError, TypeError, OSError):
         return False
-    return _sha256(weights) == expected
 
 
 def _dequantised_gguf_folder(b: BundledModel) -> Path:
@@ -166,9 +179,8 @@ def _dequantised_gguf_folder(b: BundledModel) -> Path:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "moefy-cache.json").write_text(
-                json.dumps({"source": f"{b.package}:{b.gguf_file}", "sha256": _sha256(tmp / "model.safetensors")})
-            )
+            manifest = _cache_manifest(tmp, f"{b.package}:{b.gguf_file}")
+            (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2))
             os.replace(tmp, folder)
         finally:
             if tmp.exists():

@@ -141,7 +141,8 @@ class ModelPlan:
         """Write the adapter files into an existing (temporary) folder."""
         tensors = {f"layers.{lp.index}.{k}": v for lp in self.layers for k, v in lp.tensors().items()}
         save_file(tensors, str(folder / PLAN_FILE), metadata={"format": FORMAT})
-        (folder / CONFIG_FILE).write_text(json.dumps(self.metadata(), indent=2))
+        meta = {**self.metadata(), "files": {PLAN_FILE: file_sha256(folder / PLAN_FILE)}}
+        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         """Write the adapter folder atomically; refuses an existing folder unless `overwrite`."""
@@ -154,6 +155,7 @@ class ModelPlan:
     def load(cls, folder: str | Path) -> ModelPlan:
         folder = Path(folder)
         meta = read_metadata(folder)
+        _verify_files(folder, meta["files"])
         try:
             tensors = load_file(str(folder / PLAN_FILE))
         except (SafetensorError, OSError, ValueError) as e:
@@ -175,10 +177,32 @@ class ModelPlan:
         )
 
 
-_META_KEYS = {"format", "format_version", "moefy_version", "base", "config", "runtime", "layers", "search_seconds", "extra"}
+_META_KEYS = {"format", "format_version", "moefy_version", "base", "config", "runtime", "layers", "search_seconds", "extra",
+              "files"}
 _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "router_hidden", "router_recall",
                "mean_abs_centred", "seconds"}
 _BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256"}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_files(folder: Path, files: object) -> None:
+    """Every file the plan records is there with the SHA-256 it had when it was written."""
+    if not isinstance(files, dict) or set(files) != {PLAN_FILE}:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: \"files\" must record the SHA-256 of {PLAN_FILE}")
+    path = folder / PLAN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    if file_sha256(path) != files[PLAN_FILE]:
+        raise CheckpointError(
+            f"{path}: its SHA-256 differs from the one recorded in {CONFIG_FILE}: the file was changed or is corrupt"
+        )
 
 
 def is_plan_folder(path: str | Path) -> bool:

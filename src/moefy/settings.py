@@ -16,6 +16,7 @@ re-converting.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -85,6 +86,7 @@ class ConvertConfig:
 
     def validate(self) -> None:
         """Every check that needs no model; raises InvalidArgumentError naming the flag."""
+        _check_types(self)
         _positive("--experts", self.num_experts)
         if self.top_k is not None and self.budget is not None:
             raise InvalidArgumentError("give --top-k or --budget, not both")
@@ -165,6 +167,7 @@ class RuntimeConfig:
     kernel: str = field(default="auto", metadata=_opt("expert kernel", choices=KERNELS))
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.top_k is not None and self.budget is not None:
             raise InvalidArgumentError("give --top-k or --budget, not both")
         if self.top_k is not None and self.top_k < 1:
@@ -218,6 +221,35 @@ def _from_json(cls: Any, d: object, source: str, complete: bool) -> Any:
         return cls(**values)
     except TypeError as e:
         raise InvalidArgumentError(f"{source}: invalid settings: {e}") from None
+
+
+def _check_types(obj: Any) -> None:
+    """Each field holds a value of its annotated type (a bool is not a number; floats are finite);
+    settings also come from JSON files and Python callers, not only from typed CLI flags."""
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("tuple"):
+            ok = isinstance(value, tuple) and all(_is_number(v) for v in value)
+        elif kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = _is_number(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            want = {"tuple": "a list of numbers", "bool": "true or false", "int": "an integer", "float": "a finite number"}
+            raise InvalidArgumentError(
+                f"{flag_name(f)} {value!r} must be {next((w for k, w in want.items() if kind.startswith(k)), 'text')}"
+                + (" or none" if "None" in kind else "")
+            )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def flag_name(f: dataclasses.Field) -> str:
