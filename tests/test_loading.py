@@ -79,3 +79,33 @@ def test_a_non_finite_model_is_an_error_not_a_number(folder: Path, capsys) -> No
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     assert main(["eval", str(folder), "--seq-len", "32", "--max-sequences", "1"]) == 2
     assert "not finite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_convert_and_eval_in_half_precision(dtype: str, folder: Path, tmp_path: Path, capsys) -> None:
+    """`--dtype` loads, converts and evaluates in half precision; a plan made in half precision
+    loads onto the fp32 base (the base identity is dtype-independent) and the reverse."""
+    from moefy.calibrate import DEFAULT_EPS  # noqa: F401 - the package imports
+    from moefy.convert import moe_layers
+    from moefy.moe_model import MoEModel
+    from tests.tiny_folders import calibration_text_file
+
+    text = calibration_text_file(tmp_path / "c.txt")
+    out = tmp_path / "moe"
+    assert main(["convert", str(folder), "--dtype", dtype, "--experts", "8", "--top-k", "4", "--shared", "0",
+                 "--sample-size", "512", "--router-epochs", "2", "--calibration-sequences", "8",
+                 "--calibration-text", str(text), "--out", str(out)]) == 0, capsys.readouterr().err
+    half = MoEModel.from_pretrained(out, dtype=dtype)
+    assert all(m.w_in.dtype == getattr(torch, dtype) for m in moe_layers(half.model))
+    full = MoEModel.from_pretrained(out)  # the fp32 base accepts the plan made in half precision
+    assert all(m.w_in.dtype == torch.float32 for m in moe_layers(full.model))
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--dtype", dtype, "--seq-len", "64", "--max-sequences", "2",
+                 "--json", str(report)]) == 0, capsys.readouterr().err
+    assert all(torch.isfinite(torch.tensor(s["perplexity"])) for s in json.loads(report.read_text())["splits"])
+
+
+def test_a_bad_dtype_is_a_one_line_error(folder: Path, capsys) -> None:
+    assert main(["eval", str(folder), "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dtype" in err and "bfloat16" in err and len(err.splitlines()) == 1

@@ -135,7 +135,7 @@ def test_adapter_folder_holds_only_the_plan(tmp_path: Path) -> None:
     assert all(t.numel() < d * h for t in tensors.values())  # not even one projection's worth
     assert (folder / PLAN_FILE).stat().st_size < 0.1 * ffn_bytes
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    assert meta["base"] == identity.__dict__
+    assert meta["base"] == {**identity.__dict__, "ffn_fingerprint": list(identity.ffn_fingerprint)}
     assert meta["config"] == moe.plan.config.to_json()
 
 
@@ -170,6 +170,17 @@ def test_base_identity_is_dtype_independent_and_tells_models_apart() -> None:
     assert a.same_weights(b) and a.ffn_sha256 == b.ffn_sha256
     assert not a.same_weights(other)
     assert (a.model_type, a.num_layers, a.d_model, a.d_ff) == ("llama", 2, 32, 128)
+    fp16 = loaded_tiny("llama")
+    fp16.model.to(torch.float16)
+    c = base_identity(fp16)  # double rounding (fp32 -> fp16 -> bf16) may change the hash, not the fingerprint
+    assert a.same_weights(c) and c.same_weights(a)
+    for seed in range(1, 6):  # other weights of the same shapes never match
+        assert not a.same_weights(base_identity(loaded_tiny("llama", seed=seed)))
+    nudged = loaded_tiny("llama")
+    with torch.no_grad():  # one FFN matrix changed by 10% of its size: another model
+        w = extract_ffn(find_blocks(nudged.model, nudged.spec)[1][1], nudged.spec).w_down
+        w.add_(0.1 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    assert not a.same_weights(base_identity(nudged))
 
 
 def test_plan_loads_onto_a_bf16_copy_of_its_base(tmp_path: Path) -> None:

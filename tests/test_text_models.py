@@ -76,7 +76,7 @@ def test_unknown_names_and_paths(tmp_path, monkeypatch) -> None:
     with pytest.raises(UnknownModelError, match="no config.json"):
         models.load_model(str(tmp_path))
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
-    with pytest.raises(UnknownModelError, match=r"not a bundled model \(smollm2-135m, minilm-l6\).*not reachable"):
+    with pytest.raises(UnknownModelError, match=r"not a bundled model \(smollm2-135m, gemma3-270m, minilm-l6\).*not reachable"):
         models.load_model("someone/some-model-that-is-not-cached")
 
 

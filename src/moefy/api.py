@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 Target = LoadedModel | MoEModel
 
 
-def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None) -> Target:
+def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None, dtype: str = "float32") -> Target:
     """A converted folder (adapter or export) as an `MoEModel`, else a dense model (bundled name,
-    folder, HF id)."""
+    folder, HF id), in `dtype` (float32 | bfloat16 | float16)."""
     if Path(name).is_dir() and is_plan_folder(name):
-        return MoEModel.from_pretrained(name, base=base, runtime=runtime)
-    return load_model(name)
+        return MoEModel.from_pretrained(name, base=base, runtime=runtime, dtype=dtype)
+    return load_model(name, dtype)
 
 
 
@@ -92,7 +92,7 @@ def evaluate_model(
     else:
         ref = reference
         if ref is None and isinstance(target, MoEModel):
-            ref = load_model(loaded.source)
+            ref = load_model(loaded.source, next(model.parameters()).dtype)
         texts = {Path(f).name: read_text_file(f) for f in text_files} if text_files else {"english": bundled_text("english", "evaluation")}
         for name, text in texts.items():
             pairs = paired_texts(text, max_pairs=max_sequences * 5)
@@ -142,6 +142,7 @@ def convert(
     calibration_text: list[str] | None = None,
     calibration: list[TokenBatch] | None = None,
     runtime: RuntimeConfig | None = None,
+    dtype: str = "float32",
     progress: bool = False,
 ) -> MoEModel:
     """Load (if needed), search a plan on calibration text, apply it: the whole conversion.
@@ -149,7 +150,7 @@ def convert(
     Calibration: `calibration` (tokenised batches), else the files `calibration_text`, else the
     bundled English + code calibration text."""
     config = config or config_for(model if isinstance(model, str) else model.name)
-    loaded = load_model(model) if isinstance(model, str) else model
+    loaded = load_model(model, dtype) if isinstance(model, str) else model
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
     plan = search(loaded, batches, config, progress=progress)

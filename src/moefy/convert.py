@@ -29,7 +29,7 @@ from moefy.flops import FFNShape, dense_ffn_flops, k_for_budget, moe_ffn_flops
 from moefy.kernels import ExpertWeights
 from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
-from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_sha256
+from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_fingerprint, ffn_sha256
 from moefy.routers import ExpertRouter, expert_targets, fit_router, router_flops_per_token
 from moefy.settings import ConvertConfig, RuntimeConfig
 from moefy.specs import find_blocks
@@ -138,7 +138,7 @@ def base_identity(loaded: LoadedModel) -> BaseIdentity:
     name = str(Path(loaded.name).resolve()) if loaded.name and Path(loaded.name).is_dir() else loaded.name
     return BaseIdentity(
         name=name, model_type=str(loaded.model.config.model_type), num_layers=len(ffns),
-        d_model=ffns[0].d_model, d_ff=ffns[0].d_ff, ffn_sha256=ffn_sha256(ffns),
+        d_model=ffns[0].d_model, d_ff=ffns[0].d_ff, ffn_sha256=ffn_sha256(ffns), ffn_fingerprint=ffn_fingerprint(ffns),
     )
 
 

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from moefy.errors import MissingDependencyError, UnknownModelError
+from moefy.errors import InvalidArgumentError, MissingDependencyError, UnknownModelError
 from moefy.specs import ArchSpec, resolve_spec, spec_for
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,21 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise UnknownModelError(f"could not download {repo_id!r} from the Hugging Face Hub: {e}") from None
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a dense model (eval mode) with its tokenizer and architecture spec."""
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A dtype by name (float32 | bfloat16 | float16) or as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {dtype!r} is not valid; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load a dense model (eval mode) with its tokenizer and architecture spec, in `dtype`."""
+    dtype = torch_dtype(dtype)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = _resolve_folder(name)

@@ -93,7 +93,8 @@ class MoEModel:
     # ---- load ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, folder: str | Path, *, base: str | LoadedModel | None = None, runtime: RuntimeConfig | None = None
+        cls, folder: str | Path, *, base: str | LoadedModel | None = None, runtime: RuntimeConfig | None = None,
+        dtype: str = "float32",
     ) -> MoEModel:
         """Load a plan folder onto its base model: `base` (a name, folder or loaded model), else the
         base the plan records. The plan is read and checked before the base is loaded."""
@@ -103,7 +104,7 @@ class MoEModel:
             loaded = base
         else:
             name = base or plan.base.name
-            loaded = load_model(str(folder) if name == SELF else name)
+            loaded = load_model(str(folder) if name == SELF else name, dtype)
         identity = base_identity(loaded)
         if not identity.same_weights(plan.base):
             raise CheckpointError(

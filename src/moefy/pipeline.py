@@ -27,22 +27,24 @@ def run_main_job(
     overwrite: bool = False,
     report: bool = True,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> dict:
     """Returns the summary that is also written to `out/results.json`."""
     config = config or ConvertConfig()
     check_writable(out, overwrite=overwrite)
-    loaded = load_model(name)
+    loaded = load_model(name, dtype)
     check_config_for(loaded, config)  # before minutes of dense evaluation
     t0 = time.perf_counter()
     dense = evaluate_model(loaded, max_sequences=eval_sequences, progress=progress)
     log.info("dense evaluation took %.0f s", time.perf_counter() - t0)
-    reference = load_model(name) if not loaded.is_causal else None  # encoders: fidelity vs dense
+    reference = load_model(name, dtype) if not loaded.is_causal else None  # encoders: fidelity vs dense
     plan = search(loaded, calibration_batches(loaded, None, config.calibration_sequences), config, progress=progress)
     apply(loaded, plan, RuntimeConfig())
     moe = MoEModel(loaded=loaded, plan=plan)
     evaluation = evaluate_model(moe, max_sequences=eval_sequences, reference=reference, progress=progress)
     summary = {
         "model": name,
+        "dtype": dtype,
         "settings": config.to_json(),
         "conversion_seconds": round(plan.seconds, 1),
         "top_k": plan.layers[0].top_k,

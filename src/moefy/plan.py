@@ -43,8 +43,10 @@ ADAPTER_FILES = (CONFIG_FILE, PLAN_FILE)
 
 @dataclass(frozen=True)
 class BaseIdentity:
-    """Which dense model a plan belongs to: where to find it, and a content hash of its FFN weights
-    (bf16-rounded, so an fp32 and a bf16 copy of the same model agree)."""
+    """Which dense model a plan belongs to: where to find it, a SHA-256 of its FFN weights rounded
+    to bf16 (equal for an fp32 and a bf16 copy of the same model), and a fingerprint of the same
+    weights (per FFN matrix: Σw², and three fixed projections of w) that also matches an fp16 copy,
+    whose double rounding can move a value across a bf16 boundary and so change the hash."""
 
     name: str  # bundled name, folder or hub id the conversion loaded ("." = the plan's own folder)
     model_type: str
@@ -52,14 +54,16 @@ class BaseIdentity:
     d_model: int
     d_ff: int
     ffn_sha256: str
+    ffn_fingerprint: tuple[float, ...]  # 4 numbers per FFN weight matrix, in layer order
 
     def describe(self) -> str:
         return f"{self.name} ({self.model_type}, {self.num_layers} layers, FFN {self.d_model}x{self.d_ff}, sha256 {self.ffn_sha256[:12]})"
 
     def same_weights(self, other: BaseIdentity) -> bool:
-        return (self.model_type, self.num_layers, self.d_model, self.d_ff, self.ffn_sha256) == (
-            other.model_type, other.num_layers, other.d_model, other.d_ff, other.ffn_sha256,
-        )
+        shape = (self.model_type, self.num_layers, self.d_model, self.d_ff)
+        if shape != (other.model_type, other.num_layers, other.d_model, other.d_ff):
+            return False
+        return self.ffn_sha256 == other.ffn_sha256 or fingerprints_match(self.ffn_fingerprint, other.ffn_fingerprint)
 
 
 def ffn_sha256(ffns: list) -> str:
@@ -71,6 +75,38 @@ def ffn_sha256(ffns: list) -> str:
                 h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
             h.update(b"|")
     return h.hexdigest()
+
+
+FINGERPRINT_TOLERANCE = 0.02  # of each projection's natural scale, √(n Σw²/n) = √Σw²; fp16 rounding moves it ~1e-3
+
+
+def ffn_fingerprint(ffns: list) -> tuple[float, ...]:
+    """Per weight matrix w (n values, float64): Σw², and Σ w·p_j for three fixed ±1 patterns p_j
+    (from a seeded generator). Rounding to bf16 or fp16 moves each projection by ~ε√Σw²; another
+    model's weights move it by ~√(2Σw²)."""
+    out: list[float] = []
+    for ffn in ffns:
+        for t in (ffn.w_gate, ffn.w_up, ffn.w_down):
+            if t is None:
+                continue
+            w = t.detach().to("cpu", torch.float64).reshape(-1)
+            g = torch.Generator().manual_seed(w.numel())
+            signs = torch.randint(0, 2, (3, w.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+            out += [float(w @ w), *(float(x) for x in signs @ w)]
+    return tuple(out)
+
+
+def fingerprints_match(a: tuple[float, ...], b: tuple[float, ...], tol: float = FINGERPRINT_TOLERANCE) -> bool:
+    if len(a) != len(b) or not a:
+        return False
+    for i in range(0, len(a), 4):
+        sq_a, sq_b = a[i], b[i]
+        scale = max(sq_a, sq_b, 1e-30) ** 0.5
+        if abs(sq_a - sq_b) > 2 * tol * max(sq_a, sq_b) or any(
+            abs(a[j] - b[j]) > tol * scale for j in range(i + 1, i + 4)
+        ):
+            return False
+    return True
 
 
 @dataclass
@@ -133,7 +169,8 @@ class ModelPlan:
     def metadata(self) -> dict:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "moefy_version": __version__,
-            "base": self.base.__dict__, "config": self.config.to_json(), "runtime": self.runtime.to_json(),
+            "base": {**self.base.__dict__, "ffn_fingerprint": list(self.base.ffn_fingerprint)},
+            "config": self.config.to_json(), "runtime": self.runtime.to_json(),
             "layers": [lp.metadata() for lp in self.layers], "search_seconds": self.seconds, "extra": self.extra,
         }
 
@@ -173,7 +210,8 @@ class ModelPlan:
         if [lp.index for lp in layers] != list(range(len(layers))) or len(layers) != base["num_layers"]:
             raise CheckpointError(f"{folder / CONFIG_FILE}: layers must be 0..{base['num_layers'] - 1} in order")
         return cls(
-            base=BaseIdentity(**base), config=config, runtime=runtime, layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
+            base=BaseIdentity(**{**base, "ffn_fingerprint": tuple(base["ffn_fingerprint"])}), config=config,
+            runtime=runtime, layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
         )
 
 
@@ -181,7 +219,7 @@ _META_KEYS = {"format", "format_version", "moefy_version", "base", "config", "ru
               "files"}
 _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "router_hidden", "router_recall",
                "mean_abs_centred", "seconds"}
-_BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256"}
+_BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256", "ffn_fingerprint"}
 
 
 def file_sha256(path: Path) -> str:
@@ -239,6 +277,9 @@ def read_metadata(folder: str | Path) -> dict:
         isinstance(base[k], int) and not isinstance(base[k], bool) and base[k] > 0 for k in ("num_layers", "d_model", "d_ff")
     ):
         raise CheckpointError(f"{path}: base: name, model_type and ffn_sha256 must be strings; num_layers, d_model, d_ff positive integers")
+    fp = base["ffn_fingerprint"]
+    if not isinstance(fp, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in fp):
+        raise CheckpointError(f"{path}: base: ffn_fingerprint must be a list of numbers")
     if not isinstance(meta["extra"], dict) or not isinstance(meta["search_seconds"], int | float):
         raise CheckpointError(f"{path}: \"extra\" must be an object and \"search_seconds\" a number")
     if not isinstance(meta["layers"], list) or not meta["layers"]:
@@ -305,4 +346,4 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
     )
 
 
-__all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_sha256", "is_plan_folder", "read_metadata", "atomic_folder"]
+__all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_fingerprint", "ffn_sha256", "is_plan_folder", "read_metadata"]

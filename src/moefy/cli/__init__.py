@@ -86,7 +86,10 @@ def _raise_terminated(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad flag (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(

@@ -59,6 +59,14 @@ def _metavar(f: Field, typ: type) -> str:
     return {int: "N", float: "X"}.get(typ, "NAME")
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # moefy.models.DTYPES, without importing torch here
+
+
+def add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="precision the model is loaded and run in (default: float32)")
+
+
 def settings_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The flags of `cls` the user gave, as keyword arguments."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
@@ -72,4 +80,4 @@ def runtime_changes(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-__all__ = ["Parser", "add_settings", "runtime_changes", "settings_from"]
+__all__ = ["Parser", "add_dtype", "add_settings", "runtime_changes", "settings_from"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moefy.cli.flags import add_settings, runtime_changes, settings_from
+from moefy.cli.flags import add_dtype, add_settings, runtime_changes, settings_from
 from moefy.cli.output import change, check_json_path, check_text_files, print_table, write_json
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 
@@ -55,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moefy.api import evaluate_model, load
     from moefy.moe_model import MoEModel
 
-    target = load(args.model, base=args.base)
+    target = load(args.model, base=args.base, dtype=args.dtype)
     if isinstance(target, MoEModel) and changes:
         target.configure(**changes)
     results = evaluate_model(target, text_files=args.text, seq_len=args.seq_len, max_sequences=args.max_sequences, progress=True)
@@ -86,6 +86,7 @@ def _check_text_flags(args: argparse.Namespace) -> None:
 def add_eval(s: argparse.ArgumentParser) -> None:
     _add_text_flags(s, "evaluate on this UTF-8 text file", 40)
     s.add_argument("--base", metavar="MODEL", help="converted folder: load it onto this base model (it moved)")
+    add_dtype(s)
     add_settings(s, RuntimeConfig, "runtime settings (converted folders)")
 
 
@@ -148,7 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_writable(args.out, overwrite=args.overwrite)
     from moefy.api import convert
 
-    moe = convert(args.model, config, calibration_text=args.calibration_text, progress=True)
+    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype, progress=True)
     moe.save(args.out, overwrite=args.overwrite)
     _print_plan_summary(moe.plan, args.out)
     return 0
@@ -175,6 +176,7 @@ def add_convert(s: argparse.ArgumentParser) -> None:
     s.add_argument("--calibration-text", action="append", metavar="FILE",
                    help="calibrate on this text (repeatable; default: the bundled English + code calibration text)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_dtype(s)
     add_settings(s, ConvertConfig, "search settings (defaults: the recommended ones)")
 
 
@@ -191,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moefy.pipeline import run_main_job
 
     s = run_main_job(args.model, config, out=args.out, eval_sequences=args.eval_sequences, overwrite=args.overwrite,
-                     report=not args.no_report)
+                     report=not args.no_report, dtype=args.dtype)
     rows = []
     for d, m in zip(s["dense"], s["moe"], strict=True):
         for key in d:
@@ -212,6 +214,7 @@ def add_run(s: argparse.ArgumentParser) -> None:
     s.add_argument("--eval-sequences", type=int, default=40, metavar="N", help="256-token windows per held-out split (default: 40)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     s.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    add_dtype(s)
     add_settings(s, ConvertConfig, "search settings (defaults: the recommended ones)")
 
 
