@@ -599,3 +599,15 @@ def test_a_folder_whose_tokenizer_adds_bos_itself_evaluates_converts_and_generat
     moe = MoEModel.from_pretrained(out)
     prompt = moe.tokenizer("abc", return_tensors="pt").input_ids
     assert moe.model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, prompt.shape[1] + 4)
+
+
+def test_a_plan_never_fetches_a_base_it_only_names(tmp_path: Path) -> None:
+    """A recorded base that is not bundled and not a local folder (a hub id, or a folder that moved)
+    is loaded only when the user confirms it with --base."""
+    folder = convert_tiny(loaded_tiny("llama")).save(tmp_path / "plan")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    meta["base"]["name"] = "someone/a-model-on-the-hub"
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"pass --base someone/a-model-on-the-hub"):
+        MoEModel.from_pretrained(folder)
+    assert isinstance(MoEModel.from_pretrained(folder, base=loaded_tiny("llama")), MoEModel)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from moefy.convert import apply, check_config_for, ffn_flops_fraction, ffn_shape, moe_layers, search
+from moefy.convert import (
+    apply,
+    check_config_for,
+    ffn_flops_fraction,
+    ffn_shape,
+    moe_layers,
+    search,
+)
 from moefy.errors import InvalidArgumentError
 from moefy.evaluate import (
     embedding_fidelity,
@@ -36,6 +43,7 @@ from moefy.text import TokenBatch, bundled_text, read_text_file, split_batches, 
 log = logging.getLogger(__name__)
 
 Target = LoadedModel | MoEModel
+CALIBRATION_SEQ_LEN = 256  # tokens per calibration window
 
 
 def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None, dtype: str = "float32") -> Target:
@@ -51,9 +59,12 @@ def _loaded(target: Target) -> LoadedModel:
     return target.loaded if isinstance(target, MoEModel) else target
 
 
-def calibration_batches(loaded: LoadedModel, text_files: list[str] | None, sequences: int, seq_len: int = 256) -> list[TokenBatch]:
+def calibration_batches(loaded: LoadedModel, text_files: list[str] | None, sequences: int, seq_len: int = CALIBRATION_SEQ_LEN) -> list[TokenBatch]:
     """Calibration text: the user's files, else the bundled English and code calibration splits
     (half each), in chunks of 8 sequences."""
+    context = loaded.context_length
+    if context is not None and context < seq_len:
+        raise InvalidArgumentError(f"the model's context is {context} tokens, shorter than the {seq_len}-token calibration windows")
     if text_files:
         text = "\n\n".join(read_text_file(f) for f in text_files)
         batches = [tokenize_text(text, loaded.tokenizer, seq_len, sequences, name="calibration")]

@@ -24,7 +24,7 @@ from torch import nn
 
 from moefy.convert import apply, base_identity, moe_layers
 from moefy.errors import CheckpointError, InvalidArgumentError
-from moefy.models import LoadedModel, load_model
+from moefy.models import BUNDLED, LoadedModel, load_model
 from moefy.outputs import atomic_folder
 from moefy.plan import ModelPlan
 from moefy.settings import RuntimeConfig
@@ -104,6 +104,12 @@ class MoEModel:
             loaded = base
         else:
             name = base or plan.base.name
+            if base is None and name != SELF and name not in BUNDLED and not Path(name).is_dir():
+                raise CheckpointError(
+                    f"{folder} records its base as {name!r}, which is neither a bundled model nor a local folder; "
+                    f"moefy does not fetch a model a file names: pass --base {name} (base=...) to confirm it, "
+                    "or --base with the folder it now lives in"
+                )
             loaded = load_model(str(folder) if name == SELF else name, dtype)
         identity = base_identity(loaded)
         if not identity.same_weights(plan.base):
