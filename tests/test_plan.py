@@ -283,13 +283,15 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "no_json": (lambda f: (f / CONFIG_FILE).unlink(), "not a moefy folder: moefy.json is missing"),
     "json_syntax": (lambda f: (f / CONFIG_FILE).write_text("{not json"), "not valid JSON"),
     "json_is_a_list": (_edit_json(lambda m: [m]), "not a moefy plan"),
-    "json_unknown_key": (_edit_json(lambda m: _set(m, "surprise", 1)), r"top level has .*unknown keys \['surprise'\]"),
+    "json_unknown_key_with_a_missing_one": (
+        _edit_json(lambda m: (_set(m, "surprise", 1), m.pop("runtime"))[0]), r"top level has missing keys \['runtime'\]"
+    ),
     "json_missing_key": (_edit_json(lambda m: m.pop("runtime") and None), r"top level has missing keys \['runtime'\]"),
     "json_layer_unknown_key": (
         _edit_json(lambda m: _set(m["layers"][1], "colour", "red")), r"layers\[1\] has .*unknown keys \['colour'\]"
     ),
     "json_base_unknown_key": (_edit_json(lambda m: _set(m["base"], "licence", "x")), r"base has .*unknown keys \['licence'\]"),
-    "json_config_unknown_key": (_edit_json(lambda m: _set(m["config"], "experts_per_token", 4)), "experts_per_token"),
+
     "json_runtime_unknown_key": (_edit_json(lambda m: _set(m["runtime"], "temperature", 1.0)), "temperature"),
     "json_config_bad_value": (_edit_json(lambda m: _set(m["config"], "method", "kmean")), "kmean"),
     "json_layer_top_k": (_edit_json(lambda m: _set(m["layers"][0], "top_k", 99)), r"top_k 99 must be in 2\.\.8"),
@@ -611,3 +613,21 @@ def test_a_plan_never_fetches_a_base_it_only_names(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"pass --base someone/a-model-on-the-hub"):
         MoEModel.from_pretrained(folder)
     assert isinstance(MoEModel.from_pretrained(folder, base=loaded_tiny("llama")), MoEModel)
+
+
+@pytest.mark.parametrize("where", ["top", "config"])
+def test_unknown_keys_from_a_newer_moefy_are_ignored_where_safe(where: str, saved_plan: Path, tmp_path: Path,
+                                                                 caplog) -> None:
+    """Forward compatibility: information a newer moefy adds at the top level or as a search
+    setting is warned about and ignored; the model is the same."""
+    folder = tmp_path / "plan"
+    shutil.copytree(saved_plan, folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    (meta if where == "top" else meta["config"])["added_by_a_newer_moefy"] = {"x": 1}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    reference = MoEModel.from_pretrained(saved_plan, base=loaded_tiny("llama"))
+    with caplog.at_level("WARNING", logger="moefy.plan"):
+        again = MoEModel.from_pretrained(folder, base=loaded_tiny("llama"))
+    assert "added_by_a_newer_moefy" in caplog.text
+    inputs = tiny_inputs(again.model)
+    torch.testing.assert_close(model_output(again.model, inputs), model_output(reference.model, inputs), rtol=0, atol=0)

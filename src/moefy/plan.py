@@ -18,10 +18,13 @@ other tensor may be; the JSON must have exactly the keys this version writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +36,8 @@ from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.outputs import atomic_folder
 from moefy.routers import MLPRouter
 from moefy.settings import ConvertConfig, RuntimeConfig
+
+log = logging.getLogger(__name__)
 
 FORMAT = "moefy-plan"
 FORMAT_VERSION = 2
@@ -200,7 +205,8 @@ class ModelPlan:
         base = meta["base"]
         layers = [_layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
         try:
-            config = ConvertConfig.from_json(meta["config"], source=str(folder / CONFIG_FILE), complete=True)
+            config = ConvertConfig.from_json(_known(meta["config"], ConvertConfig, folder), source=str(folder / CONFIG_FILE),
+                                             complete=True)
             runtime = RuntimeConfig.from_json(meta["runtime"], source=str(folder / CONFIG_FILE), complete=True)
         except InvalidArgumentError as e:
             raise CheckpointError(f"{folder / CONFIG_FILE}: invalid settings: {e}") from None
@@ -270,7 +276,7 @@ def read_metadata(folder: str | Path) -> dict:
             f"{path}: format_version {meta.get('format_version')!r}; this moefy ({__version__}) reads {FORMAT_VERSION}; "
             "re-convert the model with this version"
         )
-    _check_keys(path, "top level", meta, _META_KEYS)
+    _check_keys(path, "top level", meta, _META_KEYS, unknown_ok=True)
     _check_keys(path, "base", meta["base"], _BASE_KEYS)
     base = meta["base"]
     if not all(isinstance(base[k], str) for k in ("name", "model_type", "ffn_sha256")) or not all(
@@ -289,10 +295,31 @@ def read_metadata(folder: str | Path) -> dict:
     return meta
 
 
-def _check_keys(path: Path, where: str, d: object, expected: set[str]) -> None:
+def _known(settings: Any, cls: type, folder: Path) -> Any:
+    """The search settings without keys this moefy does not know (a newer moefy's extra search
+    options): they only describe how the plan was searched, so ignoring them is safe (warned)."""
+    if not isinstance(settings, dict):
+        return settings
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        log.warning("%s: ignoring search settings this moefy does not know: %s", folder / CONFIG_FILE, ", ".join(unknown))
+    return {k: v for k, v in settings.items() if k in known}
+
+
+def _check_keys(path: Path, where: str, d: object, expected: set[str], unknown_ok: bool = False) -> None:
+    """Missing keys are errors. Unknown keys are errors too, except where `unknown_ok`: at the top
+    level a newer moefy may add information this one can ignore safely (warned about, then
+    dropped); keys that change how a model is built or run (base, layers, runtime) stay strict."""
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: {where} must be a JSON object, got {type(d).__name__}")
     missing, unknown = expected - set(d), set(d) - expected
+    if unknown_ok and unknown and not missing:
+        log.warning("%s: ignoring %s keys this moefy does not know (written by a newer version?): %s",
+                    path, where, ", ".join(sorted(unknown)))
+        for key in unknown:
+            del d[key]
+        return
     if missing or unknown:
         raise CheckpointError(
             f"{path}: {where} has missing keys {sorted(missing)} and unknown keys {sorted(unknown)}"
