@@ -98,6 +98,14 @@ def _load_or_refuse(folder: Path, reference: torch.Tensor) -> None:
     torch.testing.assert_close(model_output(again.model, tiny_inputs(again.model)), reference, rtol=0, atol=0)
 
 
+def _fresh_copy(plan_and_logits: tuple[Path, torch.Tensor], factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """A copy of the saved plan for one example to damage, and the reference logits."""
+    source, reference = plan_and_logits
+    folder = factory.mktemp("case") / "plan"
+    shutil.copytree(source, folder)
+    return folder, reference
+
+
 def _paths(d: object, prefix: tuple = ()) -> list[tuple]:
     """Every key path into a JSON document."""
     out = [prefix] if prefix else []
@@ -113,9 +121,7 @@ def _paths(d: object, prefix: tuple = ()) -> list[tuple]:
 @settings(FAST, max_examples=80)
 @given(st.data())
 def test_mutated_plan_json_loads_identically_or_is_refused(plan_and_logits, tmp_path_factory, data) -> None:
-    source, reference = plan_and_logits
-    folder = tmp_path_factory.mktemp("case") / "plan"
-    shutil.copytree(source, folder)
+    folder, reference = _fresh_copy(plan_and_logits, tmp_path_factory)
     meta = json.loads((folder / CONFIG_FILE).read_text())
     path = data.draw(st.sampled_from(_paths(meta)))
     mutated = copy.deepcopy(meta)
@@ -135,9 +141,7 @@ def test_mutated_plan_json_loads_identically_or_is_refused(plan_and_logits, tmp_
 @settings(FAST, max_examples=40)
 @given(st.data())
 def test_damaged_plan_file_is_refused(plan_and_logits, tmp_path_factory, data) -> None:
-    source, reference = plan_and_logits
-    folder = tmp_path_factory.mktemp("case") / "plan"
-    shutil.copytree(source, folder)
+    folder, _ = _fresh_copy(plan_and_logits, tmp_path_factory)
     raw = bytearray((folder / PLAN_FILE).read_bytes())
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw) - 1))]  # truncated
