@@ -109,14 +109,15 @@ def router_flops(m: MoEFFN) -> int:
 def layer_flops(m: MoEFFN, measured: bool = True) -> tuple[float, float, float]:
     """(dense, MoE, MoE without static embeddings) FLOPs per token of one layer as it runs now:
     a layer on its dense path (every expert) costs the dense FFN; oracle selection costs the dense
-    FFN (it evaluates every expert to rank them); otherwise router + k of n experts + static adds,
+    FFN (it evaluates every expert to rank them); otherwise router + k of n experts + static adds
+    + learned compensation,
     k the mean really computed (dynamic k) when `measured`, else top_k."""
     shape = layer_shape(m)
     dense = float(dense_ffn_flops(shape))
     if m.runs_dense or m.selection == "oracle":
         return dense, dense, dense
     k = m.mean_selected if (measured and m.tokens_seen) else float(m.top_k)
-    r = router_flops(m)
+    r = router_flops(m) + m.compensation_flops()  # fixed per-token costs beside the experts
     return dense, moe_ffn_flops(shape, m.num_experts, k, r), moe_ffn_flops(shape, m.num_experts, k, r, static_embeddings=False)
 
 

@@ -2,11 +2,13 @@
 
 Legend: T tokens, D model width, E experts, S neurons per expert, K selected experts.
 
-    y = Σ_{e∈S(x)} v_e(x) + (M − Σ_{e∈S(x)} m_e) + b_down            (docs/DESIGN.md)
+    y = Σ_{e∈S(x)} v_e(x) + (M − Σ_{e∈S(x)} m_e) + c + B A x + b_down   (docs/DESIGN.md)
 
 v_e(x) = a_e(x) W_down[:, e]ᵀ is computed by an expert kernel that touches only the selected
 experts' weights; m_e = r_e W_down[:, e]ᵀ are the static embeddings of the representatives,
-M = Σ_e m_e. The parts are injected (expert weights, router, static vectors); the module only
+M = Σ_e m_e. c (a vector) and B A x (a low-rank path) are optional learned compensation for what
+the unselected experts add beyond their static vectors (`moefy.distill`); like the static term they
+are skipped on the dense path, so every expert selected is still exactly the dense FFN. The parts are injected (expert weights, router, static vectors); the module only
 selects and sums.
 
 Selection modes: `router` (a trained scorer, top-k or dynamic-k), `oracle` (exact residual
@@ -50,6 +52,8 @@ class MoEFFN(nn.Module):
         selection: str = "router",
         tau: float | None = None,  # dynamic k: smallest set with predicted mass >= tau (cap top_k)
         kernel: str = "auto",
+        compensation: Tensor | None = None,  # (D,) learned vector added on the sparse path
+        lowrank: tuple[Tensor, Tensor] | None = None,  # (A (r, D), B (D, r)): learned path B A x
     ) -> None:
         super().__init__()
         e, s, d = experts.w_out.shape
@@ -58,6 +62,11 @@ class MoEFFN(nn.Module):
         self.b_in = None if experts.b_in is None else nn.Parameter(experts.b_in, requires_grad=False)
         self.b_out = None if b_out is None else nn.Parameter(b_out.clone(), requires_grad=False)
         self.representatives = nn.Parameter(representatives.clone(), requires_grad=False)
+        self.compensation = None if compensation is None else nn.Parameter(compensation.clone(), requires_grad=False)
+        self.lowrank_a = self.lowrank_b = None
+        if lowrank is not None:
+            self.lowrank_a = nn.Parameter(lowrank[0].clone(), requires_grad=False)
+            self.lowrank_b = nn.Parameter(lowrank[1].clone(), requires_grad=False)
         self.act = experts.act
         self.gated = experts.gated
         self.router = router
@@ -110,6 +119,24 @@ class MoEFFN(nn.Module):
     def mean_selected(self) -> float:
         """Average experts computed per token since the last reset (dynamic k aware)."""
         return self.experts_selected / self.tokens_seen if self.tokens_seen else float(self.top_k)
+
+    @property
+    def lowrank_rank(self) -> int:
+        return 0 if self.lowrank_a is None else self.lowrank_a.shape[0]
+
+    def compensation_flops(self) -> int:
+        """FLOPs per token of the learned compensation on the sparse path: one d-vector add for the
+        vector, 2·r·d + 2·d·r + d for the low-rank path B A x and its add."""
+        d, r = self.d_model, self.lowrank_rank
+        return (d if self.compensation is not None else 0) + (4 * r * d + d if r else 0)
+
+    def add_compensation(self, x: Tensor, y: Tensor) -> Tensor:
+        """y + c + B A x (the terms present): what the unselected experts add beyond their static vectors."""
+        if self.compensation is not None:
+            y = y + self.compensation
+        if self.lowrank_a is not None and self.lowrank_b is not None:
+            y = y + (x @ self.lowrank_a.T) @ self.lowrank_b.T
+        return y
 
     # ---- static embeddings ----------------------------------------------------------------
     @property
@@ -184,7 +211,7 @@ class MoEFFN(nn.Module):
         weight = valid if scale is None else valid * scale.to(static.dtype)
         # Σ_{e∈S} g_e m_e: (T, D), reading k rows of m per token (no (T, K, D) intermediate)
         chosen = nn.functional.embedding_bag(idx.clamp_min(0), static, per_sample_weights=weight, mode="sum")
-        y = y + (static.sum(0) - chosen)
+        y = self.add_compensation(x2, y + (static.sum(0) - chosen))
         if self.b_out is not None:
             y = y + self.b_out
         if not self.training:  # count what inference computes
