@@ -27,7 +27,7 @@ from moefy.analysis.corpus import TextCategory, text_categories
 from moefy.analysis.routing import layer_loss_sweep
 from moefy.analysis.sparsity import swap_activation
 from moefy.analysis.specialisation import pca_2d
-from moefy.convert import configure, moe_layers
+from moefy.conversion import configure, moe_layers
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import extract_ffn
 from moefy.flops import FFNShape, dense_ffn_flops, moe_ffn_flops

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moefy.convert import (
+from moefy.conversion import (
     apply,
     configure,
     ffn_flops_fraction,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moefy.convert import configure, moe_layers
+from moefy.conversion import configure, moe_layers
 from moefy.errors import InvalidArgumentError
 from moefy.finetune import finetune_routers, load_imbalance, next_token_loss
 from moefy.kernels import KERNELS, reference_expert_ffn

@@ -86,7 +86,7 @@ def test_convert_and_eval_in_half_precision(dtype: str, folder: Path, tmp_path: 
     """`--dtype` loads, converts and evaluates in half precision; a plan made in half precision
     loads onto the fp32 base (the base identity is dtype-independent) and the reverse."""
     from moefy.calibrate import DEFAULT_EPS  # noqa: F401 - the package imports
-    from moefy.convert import moe_layers
+    from moefy.conversion import moe_layers
     from moefy.moe_model import MoEModel
     from tests.tiny_folders import calibration_text_file
 

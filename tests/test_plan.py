@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moefy import api
-from moefy.convert import apply, base_identity, moe_layers
+from moefy.conversion import apply, base_identity, moe_layers
 from moefy.errors import CheckpointError, InvalidArgumentError, MoefyError
 from moefy.ffn import extract_ffn
 from moefy.models import LoadedModel, load_model

@@ -9,7 +9,7 @@ import torch
 
 from moefy import api
 from moefy.cli import main
-from moefy.convert import configure, ffn_flops_fraction, moe_layers
+from moefy.conversion import configure, ffn_flops_fraction, moe_layers
 from moefy.models import load_model
 from moefy.moe_model import MoEModel
 from moefy.settings import ConvertConfig

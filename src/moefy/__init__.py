@@ -23,8 +23,8 @@ _LAZY = {
     "convert": "moefy.api",
     "load": "moefy.api",
     "evaluate_model": "moefy.api",
-    "search": "moefy.convert",
-    "apply": "moefy.convert",
+    "search": "moefy.conversion",
+    "apply": "moefy.conversion",
     "ModelPlan": "moefy.plan",
 }
 
@@ -33,7 +33,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'moefy' has no attribute {name!r}")
 
 

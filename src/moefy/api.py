@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.convert import (
+from moefy.conversion import (
     apply,
     check_config_for,
     ffn_flops_fraction,
@@ -154,19 +154,40 @@ def convert(
     calibration: list[TokenBatch] | None = None,
     runtime: RuntimeConfig | None = None,
     dtype: str = "float32",
+    checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> MoEModel:
-    """Load (if needed), search a plan on calibration text, apply it: the whole conversion.
-    `config` defaults to the recommended settings; `runtime` to the k the routers were trained for.
-    Calibration: `calibration` (tokenised batches), else the files `calibration_text`, else the
-    bundled English + code calibration text."""
+    """Load (if needed), search a plan on calibration text, distil it against the dense model
+    (`config.distill`), apply it: the whole conversion. `config` defaults to the recommended
+    settings; `runtime` to the k the routers were trained for. Calibration: `calibration`
+    (tokenised batches), else the files `calibration_text`, else the bundled calibration text.
+    `checkpoint_dir`: where distillation keeps its resumable checkpoint (default: none)."""
     config = config or config_for(model if isinstance(model, str) else model.name)
     loaded = load_model(model, dtype) if isinstance(model, str) else model
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
     plan = search(loaded, batches, config, progress=progress)
+    if config.distill and config.distill_steps > 0:
+        from moefy.distill import distill
+
+        apply(loaded, plan, RuntimeConfig())  # the k the routers were searched for
+        report = distill(loaded, plan, batches, config, checkpoint_dir=checkpoint_dir, progress=progress)
+        plan.extra["distillation"] = report.summary()
     apply(loaded, plan, runtime or RuntimeConfig())
     return MoEModel(loaded=loaded, plan=plan)
+
+
+def distill_checkpoint_dir(out: str | Path) -> Path:
+    """Where a conversion writing `out` keeps its resumable distillation checkpoint: `OUT.distill`
+    beside it (rerun the same command to continue; removed once `out` is saved)."""
+    out = Path(out)
+    return out.with_name(out.name + ".distill")
+
+
+def remove_distill_checkpoint(out: str | Path) -> None:
+    import shutil
+
+    shutil.rmtree(distill_checkpoint_dir(out), ignore_errors=True)
 
 
 def flops_table(name: str, *, experts: int | None = None, top_k: int | None = None) -> list[dict]:
@@ -175,7 +196,7 @@ def flops_table(name: str, *, experts: int | None = None, top_k: int | None = No
     recommended config), router included."""
     target = load(name)
     if isinstance(target, MoEModel):
-        from moefy.convert import layer_shape
+        from moefy.conversion import layer_shape
 
         m = moe_layers(target.model)[0]
         if experts is not None and experts != m.num_experts:

@@ -17,6 +17,7 @@ with the largest mean |a - r| (as CMoE does); they are selected for every token.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,10 @@ from moefy.settings import METHODS
 
 log = logging.getLogger(__name__)
 
-
+_WARMUP_STEPS = 5  # unconstrained Lloyd steps before the balanced ones
+_EPS_FIRST = (1e-1, 1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
+_EPS_WARM = (1e-2, 1e-3)  # ... warm-started from the previous iteration's prices
+_PATIENCE = 2  # balanced iterations without a better objective before a stage ends
 
 @dataclass
 class ExpertPlan:
@@ -52,38 +56,126 @@ def validate_partition(d_ff: int, num_experts: int) -> None:
         )
 
 
+def _auction(benefit: Tensor, size: int, prices: Tensor, eps_schedule: list[float]) -> tuple[Tensor, Tensor]:
+    """Assign the h rows of `benefit` (h, n) to n columns, exactly `size` rows each, maximising the
+    total benefit: a vectorised (Jacobi) forward auction for the transportation problem with
+    eps-scaling. Returns (labels (h,), prices (n,)); the total is within h * eps of the optimum."""
+    h, n = benefit.shape
+    labels = torch.empty(h, dtype=torch.long)
+    if n == 1:
+        return labels.fill_(0), prices
+    cols = torch.arange(n)
+    for eps in eps_schedule:
+        # each column has `size` slots; a slot's price is the bid that holds it (the column's
+        # reserve price while empty); a column's price is its lowest slot
+        slot_bid = prices[:, None].expand(n, size).clone()
+        slot_own = torch.full((n, size), -1, dtype=torch.long)
+        free = torch.arange(h)
+        while free.numel():
+            top = (benefit[free] - prices).topk(2, dim=1)
+            best = top.indices[:, 0]
+            bid = prices[best] + (top.values[:, 0] - top.values[:, 1]) + eps
+            # the columns bid on keep the `size` highest of their holders' and new bids
+            order = torch.argsort(best, stable=True)
+            best, bid, who = best[order], bid[order], free[order]
+            hit, counts = torch.unique_consecutive(best, return_counts=True)
+            rank = torch.arange(best.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+            row = torch.repeat_interleave(torch.arange(hit.numel()), counts)
+            width = int(counts.max())
+            new_bid = torch.full((hit.numel(), width), -math.inf, dtype=benefit.dtype)
+            new_own = torch.full((hit.numel(), width), -1, dtype=torch.long)
+            new_bid[row, rank] = bid
+            new_own[row, rank] = who
+            all_bid = torch.cat([slot_bid[hit], new_bid], 1)
+            all_own = torch.cat([slot_own[hit], new_own], 1)
+            keep = all_bid.topk(size, dim=1)  # sorted: the lowest kept bid is the new price
+            kept_own = all_own.gather(1, keep.indices)
+            slot_bid[hit], slot_own[hit] = keep.values, kept_own
+            prices = prices.clone()
+            prices[hit] = keep.values[:, -1]
+            # bidders that lost and holders that were outbid bid again
+            out = torch.ones(h, dtype=torch.bool)
+            held = slot_own[slot_own >= 0]
+            out[held] = False
+            free = out.nonzero().squeeze(1)
+    labels[slot_own.reshape(-1)] = cols.repeat_interleave(size)
+    return labels, prices
+
+
+def balanced_objective(features: Tensor, labels: Tensor, num_clusters: int) -> float:
+    """Total squared distance of the rows of `features` to the mean of their cluster (float64)."""
+    x = features.double()
+    counts = torch.bincount(labels, minlength=num_clusters).clamp(min=1)
+    centres = torch.zeros(num_clusters, x.shape[1], dtype=x.dtype).index_add_(0, labels, x) / counts[:, None]
+    return float(((x - centres[labels]) ** 2).sum())
+
+
 def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: int = 0) -> Tensor:
     """Cluster the rows of `features` (h, f) into equal-size clusters; returns labels (h,).
 
-    Each iteration assigns (point, centre) pairs greedily in order of increasing distance,
-    never filling a cluster beyond h/n, then recomputes centres as cluster means.
+    Minimises the total squared distance of the rows to their cluster's mean under the constraint
+    that every cluster holds exactly h/n rows. Vectorised throughout (one (h, f) x (f, n) matmul per
+    iteration, and a batched auction for the assignment):
+
+    1. a few unconstrained Lloyd steps from n random rows (`seed`) place the centres;
+    2. balanced Lloyd: the best balanced assignment for the centres (`_auction`, eps-optimal), then
+       the centres become the cluster means; until the labels or the objective stop improving;
+    3. Hartigan-style refinement: the same, with the cost of staying in one's cluster scaled by
+       s/(s-1) and of moving by s/(s+1) (s = h/n; the exact change of the objective for a single
+       move, the centres moving with it), which leaves balanced Lloyd's local minima.
+
+    `iters` bounds the balanced iterations of each of steps 2 and 3. The best labelling seen is
+    returned; the same features and seed give the same labels.
     """
     h = features.shape[0]
+    if num_clusters < 1 or num_clusters > h or h % num_clusters:
+        raise InvalidArgumentError(
+            f"balanced k-means needs the cluster count to divide the rows: {num_clusters} clusters "
+            f"for {h} rows"
+        )
     size = h // num_clusters
+    if num_clusters == 1:
+        return torch.zeros(h, dtype=torch.long)
+    x = features.detach().float().contiguous()
     g = torch.Generator().manual_seed(seed)
-    centres = features[torch.randperm(h, generator=g)[:num_clusters]].clone()
-    labels = torch.arange(h) // size
-    for _ in range(iters):
-        dist = torch.cdist(features, centres)  # (h, n)
-        order = torch.argsort(dist.reshape(-1))
-        labels = torch.full((h,), -1, dtype=torch.long)
-        fill = torch.zeros(num_clusters, dtype=torch.long)
-        points, clusters = order // num_clusters, order % num_clusters
-        # greedy assignment in Python over the sorted pairs is O(h n); vectorise by rounds
-        assigned = 0
-        for p, c in zip(points.tolist(), clusters.tolist(), strict=True):
-            if labels[p] >= 0 or fill[c] >= size:
-                continue
-            labels[p] = c
-            fill[c] += 1
-            assigned += 1
-            if assigned == h:
+    centres = x[torch.randperm(h, generator=g)[:num_clusters]].clone()
+    for _ in range(_WARMUP_STEPS):  # unconstrained Lloyd; an empty cluster keeps its centre
+        near = torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=-2.0).argmin(1)
+        counts = torch.bincount(near, minlength=num_clusters)
+        sums = torch.zeros_like(centres).index_add_(0, near, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+    sq_norms = (x * x).sum(1)
+    total_sq = float(sq_norms.double().sum())
+    prices = torch.zeros(num_clusters)
+    best_labels, best_obj = torch.arange(h) // size, math.inf
+    labels: Tensor | None = None
+    stages = ("lloyd", "hartigan") if size > 1 else ("lloyd",)
+    for stage in stages:
+        stale = 0
+        for it in range(iters):
+            benefit = torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=2.0, beta=-1.0)  # (h, n)
+            if stage == "hartigan" and labels is not None:
+                cost = (sq_norms[:, None] - benefit).clamp(min=0)
+                own = cost.gather(1, labels[:, None]) * (size / (size - 1))
+                benefit = -(cost * (size / (size + 1))).scatter_(1, labels[:, None], own)
+            spread = float((benefit.max(1).values - benefit.min(1).values).mean()) or 1.0
+            first = labels is None and it == 0
+            schedule = [spread * e for e in (_EPS_FIRST if first else _EPS_WARM)]
+            new_labels, prices = _auction(benefit, size, prices, schedule)
+            centres = torch.zeros_like(centres).index_add_(0, new_labels, x) / size
+            obj = total_sq - size * float((centres.double() ** 2).sum())
+            improved = obj < best_obj - 1e-9 * abs(obj)
+            if improved:
+                best_labels, best_obj = new_labels, obj
+            stale = 0 if improved else stale + 1
+            same = labels is not None and torch.equal(labels, new_labels)
+            labels = new_labels
+            log.debug("balanced k-means %s %d: objective %.6g", stage, it, obj)
+            if same or stale >= _PATIENCE:
                 break
-        new_centres = torch.zeros_like(centres).index_add_(0, labels, features) / size
-        if torch.allclose(new_centres, centres):
-            break
-        centres = new_centres
-    return labels
+        labels = best_labels
+        centres = torch.zeros_like(centres).index_add_(0, labels, x) / size
+    return best_labels
 
 
 def _neuron_features(method: str, ffn: FFNWeights, sample_a: Tensor | None, mean: Tensor | None) -> Tensor:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moefy.convert import moe_layers
+from moefy.conversion import moe_layers
 from moefy.errors import InvalidArgumentError
 from moefy.layers.losses import cv_squared, expert_counts, router_z_loss, switch_balance_loss
 from moefy.layers.routers import RouterOutput

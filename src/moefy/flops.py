@@ -61,6 +61,12 @@ def moe_ffn_flops(
     return router_flops + core + rest + (d if shape.bias_out else 0)
 
 
+def compensation_flops(d_model: int, vector: bool, rank: int) -> int:
+    """FLOPs per token of an MoE layer's learned compensation: one d-vector add for the vector c;
+    2·r·d for A x, 2·d·r for B (A x) and d for its add for a rank-r path."""
+    return (d_model if vector else 0) + (4 * rank * d_model + d_model if rank else 0)
+
+
 def k_for_budget(shape: FFNShape, num_experts: int, budget: float, router_flops: int = 0, min_k: int = 1) -> int:
     """The largest k whose MoE FLOPs stay within `budget` × dense FLOPs (at least min_k)."""
     dense = dense_ffn_flops(shape)

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from moefy.errors import InvalidArgumentError
+from moefy.flops import compensation_flops
 from moefy.kernels import ExpertWeights, get_kernel
+from moefy.kernels.dispatch import centred_expert_ffn
 from moefy.layers.routers import RouterOutput
 from moefy.routers import ExpertRouter, select_top
 from moefy.settings import SELECTIONS
@@ -127,8 +129,7 @@ class MoEFFN(nn.Module):
     def compensation_flops(self) -> int:
         """FLOPs per token of the learned compensation on the sparse path: one d-vector add for the
         vector, 2·r·d + 2·d·r + d for the low-rank path B A x and its add."""
-        d, r = self.d_model, self.lowrank_rank
-        return (d if self.compensation is not None else 0) + (4 * r * d + d if r else 0)
+        return compensation_flops(self.d_model, self.compensation is not None, self.lowrank_rank)
 
     def add_compensation(self, x: Tensor, y: Tensor) -> Tensor:
         """y + c + B A x (the terms present): what the unselected experts add beyond their static vectors."""
@@ -205,16 +206,38 @@ class MoEFFN(nn.Module):
                 scale = torch.cat([routing.weights.new_ones(x2.shape[0], self.num_shared), routing.weights], dim=1)
         else:
             idx = self.select(x2)  # (T, K)
-        y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e
-        static = self.static_vectors()  # (E, D)
-        valid = (idx >= 0).to(static.dtype)  # (T, K)
-        weight = valid if scale is None else valid * scale.to(static.dtype)
-        # Σ_{e∈S} g_e m_e: (T, D), reading k rows of m per token (no (T, K, D) intermediate)
-        chosen = nn.functional.embedding_bag(idx.clamp_min(0), static, per_sample_weights=weight, mode="sum")
-        y = self.add_compensation(x2, y + (static.sum(0) - chosen))
+        # inference on CPU: Σ_{e∈S} (v_e − m_e) in one fused kernel call (activations centred on r)
+        y = None if scale is not None else self._centred_experts(x2, idx)  # (T, D)
+        if y is None:  # general path (gradients, other kernels or devices)
+            y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e
+            static = self.static_vectors()  # (E, D)
+            valid = (idx >= 0).to(static.dtype)  # (T, K)
+            weight = valid if scale is None else valid * scale.to(static.dtype)
+            # Σ_{e∈S} g_e m_e: (T, D), reading k rows of m per token (no (T, K, D) intermediate)
+            chosen = nn.functional.embedding_bag(idx.clamp_min(0), static, per_sample_weights=weight, mode="sum")
+            y = y - chosen
+        y = self.add_compensation(x2, y + self._static_total())
         if self.b_out is not None:
             y = y + self.b_out
         if not self.training:  # count what inference computes
             self.tokens_seen += x2.shape[0]
-            self.experts_selected += int(valid.sum())
+            self.experts_selected += int((idx >= 0).sum())
         return y.reshape(shape)
+
+    def _centred_experts(self, x2: Tensor, idx: Tensor) -> Tensor | None:
+        """Σ_{e∈S} (a_e(x) − r_e) W_out[e] = Σ_{e∈S} (v_e − m_e) by the fused C++ kernel, or None where
+        it does not apply (gradients, a kernel other than auto/cpu, other devices or dtypes)."""
+        if self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad:
+            return None
+        return centred_expert_ffn(x2, self.expert_weights, idx, self.representatives)
+
+    def _static_total(self) -> Tensor:
+        """M = Σ_e m_e (D,): cached with the static vectors it sums (live while r is trained)."""
+        static = self.static_vectors()
+        if static.requires_grad:
+            return static.sum(0)
+        version = None if static.is_inference() else static._version  # (inference tensors keep none)
+        cached = self.__dict__.get("_static_total_cache")
+        if cached is None or cached[0] is not static or cached[1] != version:
+            cached = self.__dict__["_static_total_cache"] = (static, version, static.sum(0))
+        return cached[2]

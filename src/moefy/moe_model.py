@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from moefy.convert import apply, base_identity, moe_layers
+from moefy.conversion import apply, base_identity, moe_layers
 from moefy.errors import CheckpointError, InvalidArgumentError
 from moefy.models import BUNDLED, LoadedModel, load_model
 from moefy.outputs import atomic_folder

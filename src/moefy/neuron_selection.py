@@ -38,7 +38,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from moefy.convert import ffn_shape, guard_save_pretrained
+from moefy.conversion import ffn_shape, guard_save_pretrained
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
 from moefy.flops import dense_ffn_flops, kept_fraction_for_budget, neuron_selection_flops

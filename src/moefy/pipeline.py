@@ -8,12 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-from moefy.api import calibration_batches, evaluate_model
-from moefy.convert import apply, check_config_for, ffn_flops_fraction, search
+from moefy.api import convert, distill_checkpoint_dir, evaluate_model, remove_distill_checkpoint
+from moefy.conversion import check_config_for, ffn_flops_fraction
 from moefy.models import load_model
-from moefy.moe_model import MoEModel
 from moefy.outputs import check_writable
-from moefy.settings import ConvertConfig, RuntimeConfig
+from moefy.settings import ConvertConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +37,18 @@ def run_main_job(
     dense = evaluate_model(loaded, max_sequences=eval_sequences, progress=progress)
     log.info("dense evaluation took %.0f s", time.perf_counter() - t0)
     reference = load_model(name, dtype) if not loaded.is_causal else None  # encoders: fidelity vs dense
-    plan = search(loaded, calibration_batches(loaded, None, config.calibration_sequences), config, progress=progress)
-    apply(loaded, plan, RuntimeConfig())
-    moe = MoEModel(loaded=loaded, plan=plan)
+    t0 = time.perf_counter()
+    moe = convert(loaded, config, checkpoint_dir=distill_checkpoint_dir(out), progress=progress)
+    plan = moe.plan
+    conversion_seconds = time.perf_counter() - t0
     evaluation = evaluate_model(moe, max_sequences=eval_sequences, reference=reference, progress=progress)
     summary = {
         "model": name,
         "dtype": dtype,
         "settings": config.to_json(),
-        "conversion_seconds": round(plan.seconds, 1),
+        "conversion_seconds": round(conversion_seconds, 1),
+        "search_seconds": round(plan.seconds, 1),
+        "distillation": plan.extra.get("distillation"),
         "top_k": plan.layers[0].top_k,
         "num_experts": config.num_experts,
         "ffn_flops_fraction": round(ffn_flops_fraction(loaded.model), 4),
@@ -54,8 +56,9 @@ def run_main_job(
         "moe": evaluation["splits"],
         "router_recall": [lp.router_recall for lp in plan.layers],
     }
-    plan.extra = {"evaluation": summary}
+    plan.extra["evaluation"] = summary
     moe.save(out, overwrite=overwrite)
+    remove_distill_checkpoint(out)
     (Path(out) / "results.json").write_text(json.dumps(summary, indent=2))
     if report:
         from moefy.report import write_report

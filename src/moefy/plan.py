@@ -4,13 +4,14 @@ A `LayerPlan` says how one FFN becomes an MoE: the neuron permutation that group
 balanced experts (shared experts first), the representatives r of every neuron, the static
 importance of every expert, the router's weights and the k (or τ) it was trained for. A `ModelPlan`
 is every layer's plan plus the search settings and the base model's identity. The plan holds no copy
-of the base weights: `moefy.convert.apply` rebuilds the expert-major weights from the base model.
+of the base weights: `moefy.conversion.apply` rebuilds the expert-major weights from the base model.
 
 Saved as an adapter folder, like PEFT's (only what conversion created):
 
     moefy.json        format, base identity, search settings, runtime settings, per-layer metadata
     plan.safetensors  layers.{i}.perm (h,) int64, layers.{i}.representatives (E, S),
-                      layers.{i}.importance (E,), layers.{i}.router.* (router state)
+                      layers.{i}.importance (E,), layers.{i}.router.* (router state), and after
+                      distillation layers.{i}.compensation (D,), layers.{i}.lowrank_a (r, D) / _b (D, r)
 
 Loading is strict: every tensor must be there with the right dtype, shape and finite values, and no
 other tensor may be; the JSON must have exactly the keys this version writes.
@@ -128,6 +129,8 @@ class LayerPlan:
     importance: Tensor  # (E,) float32: static ranking (shared experts +inf)
     router: MLPRouter | None  # scores the routed experts (E - num_shared); None: no router trained
     tau: float | None = None  # dynamic k (predicted residual mass to keep), None: fixed k
+    compensation: Tensor | None = None  # (D,) float32: learned vector added on the sparse path (distillation)
+    lowrank: tuple[Tensor, Tensor] | None = None  # (A (r, D), B (D, r)) float32: learned path B A x
     router_recall: float | None = None  # held-out recall of the oracle's top-k at search time
     mean_abs_centred: float | None = None  # mean |a - r| over the calibration sample
     seconds: float = 0.0
@@ -140,12 +143,17 @@ class LayerPlan:
         return {
             "index": self.index, "block": self.block, "num_experts": self.num_experts, "num_shared": self.num_shared,
             "top_k": self.top_k, "tau": self.tau,
+            "compensation": self.compensation is not None, "lowrank_rank": 0 if self.lowrank is None else self.lowrank[0].shape[0],
             "router_hidden": None if self.router is None else self.router.hidden,
             "router_recall": self.router_recall, "mean_abs_centred": self.mean_abs_centred, "seconds": self.seconds,
         }
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"perm": self.perm, "representatives": self.representatives, "importance": self.importance}
+        if self.compensation is not None:
+            out["compensation"] = self.compensation
+        if self.lowrank is not None:
+            out["lowrank_a"], out["lowrank_b"] = self.lowrank
         if self.router is not None:
             out.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
@@ -224,7 +232,11 @@ class ModelPlan:
 _META_KEYS = {"format", "format_version", "moefy_version", "base", "config", "runtime", "layers", "search_seconds", "extra",
               "files"}
 _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "router_hidden", "router_recall",
-               "mean_abs_centred", "seconds"}
+               "mean_abs_centred", "seconds", "compensation", "lowrank_rank"}
+# keys added after format 2 was first written, with the value a plan written before them means
+_LAYER_LEGACY: dict[str, object] = {"compensation": False, "lowrank_rank": 0}
+_CONFIG_LEGACY: dict[str, object] = {"distill": False, "distill_steps": 0, "distill_minutes": None, "distill_batch": 4, "distill_lr": 1e-3,
+                  "distill_layer_weight": 1.0, "distill_checkpoint_every": 25, "compensation": False, "compensation_rank": 0}
 _BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256", "ffn_fingerprint"}
 
 
@@ -291,7 +303,13 @@ def read_metadata(folder: str | Path) -> dict:
     if not isinstance(meta["layers"], list) or not meta["layers"]:
         raise CheckpointError(f"{path}: \"layers\" must be a non-empty list")
     for i, layer in enumerate(meta["layers"]):
+        if isinstance(layer, dict):
+            for layer_key, layer_value in _LAYER_LEGACY.items():
+                layer.setdefault(layer_key, layer_value)
         _check_keys(path, f"layers[{i}]", layer, _LAYER_KEYS)
+    if isinstance(meta["config"], dict):
+        for key, value in _CONFIG_LEGACY.items():
+            meta["config"].setdefault(key, value)
     return meta
 
 
@@ -359,6 +377,13 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
         raise CheckpointError(f"{where}: perm is not a permutation of 0..{h - 1}; the file is corrupt")
     reps = get("representatives", (n, h // n), floating=True)
     importance = get("importance", (n,), floating=True, allow_inf=True)  # shared experts: +inf
+    if not isinstance(meta["compensation"], bool):
+        raise CheckpointError(f"{where}: compensation {meta['compensation']!r} must be true or false")
+    rank = meta["lowrank_rank"]
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 0 <= rank <= d):
+        raise CheckpointError(f"{where}: lowrank_rank {rank!r} must be an integer in 0..{d}")
+    compensation = get("compensation", (d,), floating=True) if meta["compensation"] else None
+    lowrank = (get("lowrank_a", (rank, d), floating=True), get("lowrank_b", (d, rank), floating=True)) if rank else None
     router = None
     if meta["router_hidden"] is not None:
         router = MLPRouter(d, n - ns, int(meta["router_hidden"]))
@@ -368,7 +393,7 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
         router.to(reps.dtype).eval()
     return LayerPlan(
         index=i, block=meta["block"], num_experts=n, num_shared=ns, top_k=meta["top_k"], perm=perm,
-        representatives=reps, importance=importance, router=router, tau=meta["tau"],
+        representatives=reps, importance=importance, router=router, tau=meta["tau"], compensation=compensation, lowrank=lowrank,
         router_recall=meta["router_recall"], mean_abs_centred=meta["mean_abs_centred"], seconds=meta["seconds"],
     )
 

@@ -9,7 +9,7 @@ fails in milliseconds; the checks that need the FFN width (`validate_for`) run b
 read.
 
 Search settings are stored once, in the plan (`moefy.plan.ModelPlan.config`). Runtime settings can
-change on a converted model at any time (`moefy.convert.apply`, `MoEModel.configure`) without
+change on a converted model at any time (`moefy.conversion.apply`, `MoEModel.configure`) without
 re-converting.
 """
 
@@ -30,6 +30,7 @@ SELECTIONS = ("router", "oracle", "static", "all")  # moefy.moe_ffn.MoEFFN selec
 KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
 DEFAULT_BUDGET = 0.75  # FFN FLOPs budget of a conversion given neither --top-k nor --budget
+DEFAULT_DISTILL_STEPS = 150  # distillation steps of a default conversion
 MIN_SAMPLE_SIZE = 64  # sampled tokens per layer below which a router cannot be trained
 
 
@@ -76,6 +77,28 @@ class ConvertConfig:
     )
     calibration_sequences: int = field(default=128, metadata=_opt("256-token sequences of calibration text"))
     sample_size: int = field(default=32768, metadata=_opt("calibration tokens kept per layer for clustering and routers"))
+    distill: bool = field(
+        default=True,
+        metadata=_opt("distil the routers, representatives and compensation against the dense model on the calibration text"),
+    )
+    distill_steps: int = field(default=DEFAULT_DISTILL_STEPS, metadata=_opt("distillation steps (0: skip it)"))
+    distill_minutes: float | None = field(
+        default=None, metadata=_opt("stop distillation after this many minutes, even before --distill-steps")
+    )
+    distill_batch: int = field(default=4, metadata=_opt("calibration sequences per distillation step"))
+    distill_lr: float = field(default=1e-3, metadata=_opt("peak learning rate of distillation (Adam)"))
+    distill_layer_weight: float = field(
+        default=1.0, metadata=_opt("weight of per-layer output matching beside the KL to the dense model")
+    )
+    distill_checkpoint_every: int = field(
+        default=25, metadata=_opt("steps between distillation checkpoints", cli=False)
+    )
+    compensation: bool = field(
+        default=True, metadata=_opt("learn a compensation vector per layer for the unselected experts (d FLOPs per token)")
+    )
+    compensation_rank: int = field(
+        default=0, metadata=_opt("rank of a learned low-rank path B·A·x per layer beside the experts (0: none; 4·r·d FLOPs)")
+    )
     eps: tuple[float, ...] = field(default=DEFAULT_EPS, metadata=_opt("soft-sparsity thresholds (> 0)", cli=False))
     seed: int = field(default=0, metadata=_opt("random seed"))
 
@@ -107,6 +130,18 @@ class ConvertConfig:
         _positive("--sample-size", self.sample_size)
         if self.sample_size < MIN_SAMPLE_SIZE:
             raise InvalidArgumentError(f"--sample-size {self.sample_size} is too small to train a router; use {MIN_SAMPLE_SIZE} or more")
+        if not isinstance(self.distill_steps, int) or self.distill_steps < 0:
+            raise InvalidArgumentError(f"--distill-steps {self.distill_steps!r} must be an integer >= 0 (0: skip distillation)")
+        if self.distill_minutes is not None and not self.distill_minutes > 0:
+            raise InvalidArgumentError(f"--distill-minutes {self.distill_minutes} must be > 0")
+        _positive("--distill-batch", self.distill_batch)
+        _positive("--distill-checkpoint-every", self.distill_checkpoint_every)
+        if not self.distill_lr > 0:
+            raise InvalidArgumentError(f"--distill-lr {self.distill_lr} must be > 0")
+        if not self.distill_layer_weight >= 0:
+            raise InvalidArgumentError(f"--distill-layer-weight {self.distill_layer_weight} must be >= 0")
+        if self.compensation_rank < 0:
+            raise InvalidArgumentError(f"--compensation-rank {self.compensation_rank} must be >= 0 (0: none)")
         if not self.eps or any(e <= 0 for e in self.eps):
             raise InvalidArgumentError(f"eps values must be > 0, got {self.eps}")
         if any(not 0.0 < f <= 1.0 for f in self.router_k_fractions):

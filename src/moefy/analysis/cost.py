@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moefy.convert import layer_flops, layer_shape, moe_layers, router_flops
+from moefy.conversion import layer_flops, layer_shape, moe_layers, router_flops
 from moefy.flops import dense_ffn_flops, moe_ffn_flops
 
 from .store import AnalysisError

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moefy.convert import configure, moe_layers
+from moefy.conversion import configure, moe_layers
 from moefy.evaluate import perplexity
 from moefy.moe_ffn import MoEFFN
 from moefy.text import TokenBatch

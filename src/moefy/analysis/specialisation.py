@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moefy.convert import moe_layers
+from moefy.conversion import moe_layers
 from moefy.errors import TextError
 from moefy.moe_ffn import MoEFFN
 from moefy.text import TokenBatch, tokenize_text

@@ -147,10 +147,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
-    from moefy.api import convert
+    from moefy.api import convert, distill_checkpoint_dir, remove_distill_checkpoint
 
-    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype, progress=True)
+    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype,
+                  checkpoint_dir=distill_checkpoint_dir(args.out), progress=True)
     moe.save(args.out, overwrite=args.overwrite)
+    remove_distill_checkpoint(args.out)
     _print_plan_summary(moe.plan, args.out)
     return 0
 

@@ -152,3 +152,33 @@ def cpu_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor
         a = a * scale.reshape(-1, 1)
     out = _GroupedOut.apply(a.float().contiguous(), w_out, offsets, slots, k, t)  # (T, D) fp32
     return out.to(x.dtype)
+
+
+def centred_kernel_applies(x: Tensor, weights: ExpertWeights, centre: Tensor) -> bool:
+    """Whether `cpu_centred_expert_ffn` runs here: CPU tensors, fp32/bf16 weights, a recognised
+    activation, no gradients needed, and the C++ library built."""
+    w_in, w_out = weights.w_in, weights.w_out
+    return (
+        x.device.type == "cpu" and w_in.device.type == "cpu" and w_in.dtype in CPU_DTYPES
+        and w_out.dtype == w_in.dtype and not _needs_grad(x, w_in, w_out, weights.b_in, centre)
+        and cpu_ops() is not None and activation_code(weights.act) != 0
+    )
+
+
+def cpu_centred_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor) -> Tensor | None:
+    """Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] in one C++ call (inference: no gradients), the
+    MoE layer's v_e − m_e with the representatives as `centre` (E, S). None where the fused C++
+    kernel does not apply (`centred_kernel_applies`): the caller then takes its general path."""
+    if not centred_kernel_applies(x, weights, centre):
+        return None
+    check_inputs(x, weights, idx, None)
+    b_in = weights.b_in
+    try:
+        return _ops().fused_expert_ffn(
+            x, weights.w_in.contiguous(), None if b_in is None else b_in.contiguous(), weights.w_out.contiguous(),
+            idx, None, activation_code(weights.act), weights.gated, centre,
+        )
+    except RuntimeError as err:
+        if "out of range" in str(err):
+            raise InvalidArgumentError(str(err).splitlines()[0]) from None
+        raise

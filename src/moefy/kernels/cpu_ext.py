@@ -6,6 +6,10 @@ The source ships with the package and is compiled with the machine's own compile
 `$MOEFY_CACHE`, else `$XDG_CACHE_HOME/moefy`, else `~/.cache/moefy`). Later processes load the
 cached library in milliseconds. If the build fails, `cpu_ops()` logs one warning and returns None, and callers use
 their pure-torch paths; set `MOEFY_DISABLE_CPP=1` to skip the build on purpose.
+
+The same source also builds as instruction-set variants (`ISA_VARIANTS`: AVX-512 without BF16,
+AVX2, the baseline), each under its own op namespace, so tests and benchmarks can force every
+vector path on one machine (`forced_isa("avx2")`, or `MOEFY_CPU_ISA=avx2` for a whole process).
 """
 
 from __future__ import annotations
@@ -23,22 +27,36 @@ from typing import Any
 
 import torch
 
+from moefy.errors import InvalidArgumentError
 from moefy.models import cache_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("expert_ffn_cpu.cpp")
-LIBRARY = "moefy_cpu"  # the torch.ops namespace the source registers
+LIBRARY = "moefy_cpu"  # the torch.ops namespace of the default (native) build
 
+_BASE_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 # Tried in order; the first that builds wins. Later sets drop flags some compilers lack.
 _FLAG_SETS: tuple[tuple[str, ...], ...] = (
-    ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"),
+    (*_BASE_FLAGS[:1], "-march=native", *_BASE_FLAGS[1:]),
     ("-O3", "-fopenmp", "-ffp-contract=fast"),
     ("-O3",),
 )
 
+# Instruction-set variants of the same source, each its own library (namespace moefy_cpu_<isa>),
+# so that every code path can be run and tested on one machine: `native` is what users get (the
+# host's best: AVX-512 with BF16 dot products on recent x86); the others are built on request
+# (`forced_isa`, tests, `MOEFY_CPU_ISA`), only where the host can run them. Each entry: the
+# compiler flags and the /proc/cpuinfo flags the host needs.
+ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512": (("-march=skylake-avx512",), ("avx512f", "avx512bw", "avx512vl", "avx512dq")),  # no BF16 dot
+    "avx2": (("-march=haswell",), ("avx2", "fma")),  # 16-lane vectors as two 8-lane halves
+    "generic": (("-mno-avx",), ()),  # the compiler's baseline (SSE2 on x86-64)
+}
+
 _lock = threading.Lock()
-_state: dict[str, Any] = {}  # "ops": the loaded namespace or None once tried
+_state: dict[str, Any] = {}  # "ops": the loaded native namespace or None once tried; "ops:<isa>" likewise
+_forced: list[str] = []  # stack of forced_isa() variants
 
 
 def _cpu_fingerprint() -> str:
@@ -56,9 +74,9 @@ def _cpu_fingerprint() -> str:
     return "|".join(parts)
 
 
-def _build_name(flags: tuple[str, ...]) -> str:
+def _build_name(flags: tuple[str, ...], library: str = LIBRARY) -> str:
     key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, platform.python_version(),
-                     " ".join(flags), _cpu_fingerprint()])
+                     " ".join(flags), library, _cpu_fingerprint()])
     return f"moefy_expert_ffn_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -82,24 +100,29 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = old
 
 
-def _build_and_load() -> Any:
+def _build(flags: tuple[str, ...], library: str) -> Any:
     from torch.utils import cpp_extension
 
+    name = _build_name(flags, library)
+    build_dir = cache_dir() / "kernels" / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
+    cflags = [*flags] if library == LIBRARY else [*flags, f"-DMOEFY_LIB={library}"]
+    if not (build_dir / f"{name}.so").exists():
+        log.info("building the C++ expert kernels (%s, once per machine) in %s", library, build_dir)
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=name, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
+            build_directory=str(build_dir), is_python_module=False, verbose=False,
+        )
+    return getattr(torch.ops, library)
+
+
+def _build_and_load() -> Any:
     last_error: Exception | None = None
     for flags in _FLAG_SETS:
-        name = _build_name(flags)
-        build_dir = cache_dir() / "kernels" / name
-        build_dir.mkdir(parents=True, exist_ok=True)
-        ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
         try:
-            if not (build_dir / f"{name}.so").exists():
-                log.info("building the C++ expert kernels (once per machine) in %s", build_dir)
-            with _ninja_on_path():
-                cpp_extension.load(
-                    name=name, sources=[str(SOURCE)], extra_cflags=list(flags), extra_ldflags=ldflags,
-                    build_directory=str(build_dir), is_python_module=False, verbose=False,
-                )
-            return getattr(torch.ops, LIBRARY)
+            return _build(flags, LIBRARY)
         except (RuntimeError, OSError, ImportError) as err:  # compiler/ninja missing or failing
             last_error = err
             log.debug("building the C++ expert kernels with %s failed: %s", flags, err)
@@ -111,8 +134,51 @@ def _build_and_load() -> Any:
     return None
 
 
+def _host_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def available_isas() -> list[str]:
+    """The instruction-set variants this host can build and run: "native" first, then those of
+    ISA_VARIANTS whose CPU flags the host has (x86-64 only)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["native"]
+    host = _host_flags()
+    return ["native", *(isa for isa, (_, needs) in ISA_VARIANTS.items() if set(needs) <= host)]
+
+
+def _variant_ops(isa: str) -> Any:
+    key = f"ops:{isa}"
+    if key not in _state:
+        with _lock:
+            if os.environ.get("MOEFY_DISABLE_CPP", "") not in ("", "0"):
+                _state[key] = None
+            elif key not in _state:
+                flags = (*_BASE_FLAGS[:1], *ISA_VARIANTS[isa][0], *_BASE_FLAGS[1:])
+                try:
+                    _state[key] = _build(flags, f"{LIBRARY}_{isa}")
+                except (RuntimeError, OSError, ImportError) as err:
+                    log.warning("the %s variant of the C++ expert kernels could not be built: %s", isa,
+                                str(err).splitlines()[0])
+                    _state[key] = None
+    return _state[key]
+
+
 def cpu_ops() -> Any:
-    """The `torch.ops.moefy_cpu` namespace, building the library on first use; None if unavailable."""
+    """The `torch.ops.moefy_cpu` namespace (or the variant `forced_isa` / `MOEFY_CPU_ISA` picks),
+    building the library on first use; None if unavailable."""
+    isa = _forced[-1] if _forced else os.environ.get("MOEFY_CPU_ISA", "native") or "native"
+    if isa != "native":
+        if isa not in ISA_VARIANTS:
+            raise InvalidArgumentError(f"unknown CPU ISA variant {isa!r}; valid: native, {', '.join(ISA_VARIANTS)}")
+        return _variant_ops(isa)
     if "ops" in _state:
         return _state["ops"]
     with _lock:
@@ -122,6 +188,18 @@ def cpu_ops() -> Any:
             else:
                 _state["ops"] = _build_and_load()
     return _state["ops"]
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str) -> Iterator[None]:
+    """Run the C++ kernels of one instruction-set variant inside the block (tests, benchmarks)."""
+    if isa != "native" and isa not in ISA_VARIANTS:
+        raise InvalidArgumentError(f"unknown CPU ISA variant {isa!r}; valid: native, {', '.join(ISA_VARIANTS)}")
+    _forced.append(isa)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def cpu_ops_available() -> bool:

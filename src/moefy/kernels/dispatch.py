@@ -8,9 +8,15 @@ pure-torch paths below. Other devices: the torch decode path for a few tokens
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 
-from moefy.kernels.cpu import CPU_DTYPES, cpu_expert_ffn
+from moefy.errors import InvalidArgumentError
+from moefy.kernels.cpu import CPU_DTYPES, centred_kernel_applies, cpu_centred_expert_ffn, cpu_expert_ffn
 from moefy.kernels.cpu_ext import cpu_ops
 from moefy.kernels.decode import torch_decode_expert_ffn
 from moefy.kernels.grouped import torch_grouped_expert_ffn
@@ -29,3 +35,74 @@ def auto_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tenso
     if x.shape[0] <= DECODE_MAX_TOKENS:
         return torch_decode_expert_ffn(x, weights, idx, scale)
     return torch_grouped_expert_ffn(x, weights, idx, scale)
+
+
+log = logging.getLogger(__name__)
+
+CENTRED_MODES = ("auto", "sparse", "dense")
+# (tokens bucket, E, S, D, K, dtype, threads) -> "sparse" | "dense", measured at first use
+_choices: dict[tuple[object, ...], str] = {}
+
+
+def dense_centred_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor) -> Tensor:
+    """Σ_{e∈S(t)} (a_e(x_t) − centre[e]) W_out[e] by two dense GEMMs over all E experts: the
+    unselected (token, expert) blocks of the centred activations are zeroed before the down
+    projection. Full FLOPs; the batched fallback where the selected experts cover most of the layer."""
+    t, e, s, d = x.shape[0], weights.num_experts, weights.expert_size, weights.d_model
+    valid = (idx >= 0).to(x.dtype)  # (T, K)
+    mask = x.new_zeros(t, e).scatter_add_(1, idx.clamp_min(0), valid)  # (T, E) 1 where selected
+    u = (weights.all_activations(x) - centre.to(x.dtype)) * mask.unsqueeze(2)  # (T, E, S)
+    return u.reshape(t, e * s) @ weights.w_out.reshape(e * s, d)  # (T, D)
+
+
+def _timed(fn: Callable[[], Tensor | None]) -> tuple[float, Tensor | None]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def centred_expert_ffn(
+    x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor, mode: str = "auto"
+) -> Tensor | None:
+    """Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] for inference on the CPU (no gradients), or
+    None where the fused C++ kernel does not apply (the caller takes its general path).
+
+    mode "sparse": the block-sparse C++ kernel; "dense": `dense_centred_expert_ffn`; "auto": the
+    sparse kernel up to DECODE_MAX_TOKENS tokens, else whichever of the two was faster the first
+    time this shape (tokens rounded up to a power of two, E, S, D, K, dtype, threads) was seen.
+    """
+    if mode not in CENTRED_MODES:
+        raise InvalidArgumentError(f"mode={mode!r}; valid: {', '.join(CENTRED_MODES)}")
+    t = x.shape[0]
+    if mode == "sparse" or (mode == "auto" and t <= DECODE_MAX_TOKENS):
+        return cpu_centred_expert_ffn(x, weights, idx, centre)
+    if not centred_kernel_applies(x, weights, centre):
+        return None
+    if mode == "dense":
+        return dense_centred_expert_ffn(x, weights, idx, centre)
+    key = (1 << max(t - 1, 0).bit_length(), *weights.w_out.shape, idx.shape[1], x.dtype, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        # first use: run both twice, alternating, keep the faster (their outputs agree to rounding)
+        runs = {
+            "sparse": lambda: cpu_centred_expert_ffn(x, weights, idx, centre),
+            "dense": lambda: dense_centred_expert_ffn(x, weights, idx, centre),
+        }
+        best: dict[str, float] = {}
+        out = None
+        for name in ("sparse", "dense", "dense", "sparse"):
+            seconds, out = _timed(runs[name])
+            best[name] = min(best.get(name, float("inf")), seconds)
+        choice = _choices[key] = min(best, key=lambda n: best[n])
+        log.debug("centred expert FFN %s: sparse %.2f ms, dense %.2f ms -> %s", key, 1e3 * best["sparse"],
+                  1e3 * best["dense"], choice)
+        return out
+    if choice == "dense":
+        return dense_centred_expert_ffn(x, weights, idx, centre)
+    return cpu_centred_expert_ffn(x, weights, idx, centre)
+
+
+def clear_centred_choices() -> None:
+    """Forget the measured sparse/dense choices (e.g. after changing the thread count by hand)."""
+    _choices.clear()
+

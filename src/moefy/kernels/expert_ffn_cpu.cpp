@@ -40,9 +40,18 @@
 namespace {
 
 constexpr int64_t L = 16;  // lanes of one vector
-#ifndef PF_ROWS
-#define PF_ROWS 4  // software prefetch distance in weight rows (0: off)
+// Software prefetch. The selected experts' rows are contiguous streams that every CPU's hardware
+// prefetcher follows; what it cannot predict is the jump to the next selected expert, whose first
+// PF_NEXT_LINES cache lines are requested early (into all cache levels: a non-temporal hint lands
+// in L1 only on Intel, where lines requested far ahead are evicted before use and read twice).
+// PF_DIST > 0 adds in-stream prefetches PF_DIST bytes ahead of each row being read.
+#ifndef PF_NEXT_LINES
+#define PF_NEXT_LINES 16
 #endif
+#ifndef PF_DIST
+#define PF_DIST 0
+#endif
+
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
@@ -73,14 +82,16 @@ inline vf load(const bf16* p) {
   vu w = __builtin_convertvector(*reinterpret_cast<const vh_u*>(p), vu) << 16;
   return reinterpret_cast<vf&>(w);
 }
-// Start fetching the first PF_ROWS rows of a weight block the HW prefetcher cannot predict
-// (the next selected expert), at most 64 cache lines.
+// Start fetching the first lines of a weight block the HW prefetcher cannot predict (the next
+// selected expert): the first PF_NEXT_LINES lines of its first row(s).
 template <typename W>
 inline void prefetch_rows(const W* w, int64_t D) {
-#if PF_ROWS
+#if PF_NEXT_LINES
   const char* p = reinterpret_cast<const char*>(w);
-  const int64_t bytes = std::min<int64_t>(PF_ROWS * D * int64_t(sizeof(W)), 64 * 64);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+  const int64_t bytes = std::min<int64_t>(D * int64_t(sizeof(W)), PF_NEXT_LINES * 64);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+#else
+  (void)w, (void)D;
 #endif
 }
 
@@ -223,8 +234,8 @@ inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
       vf xv[TB];
       for (int tb = 0; tb < TB; ++tb) xv[tb] = load(xs[tb] + d);
       for (int rb = 0; rb < RB; ++rb) {
-#if PF_ROWS
-        __builtin_prefetch(w + (rb + PF_ROWS) * D + d, 0, 0);
+#if PF_DIST
+        __builtin_prefetch(reinterpret_cast<const char*>(w + rb * D + d) + PF_DIST, 0, 3);
 #endif
         vf wv = load(w + rb * D + d);
         keep_in_register(wv);
@@ -403,8 +414,8 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
             const vf c0 = splat(c[s]), c1 = splat(c[s + 1]), c2 = splat(c[s + 2]), c3 = splat(c[s + 3]);
             int64_t d = 0;
             for (; d + L <= D; d += L) {
-#if PF_ROWS
-              for (int64_t ahead = PF_ROWS; ahead < PF_ROWS + 4; ++ahead) __builtin_prefetch(w0 + ahead * D + d, 0, 0);
+#if PF_DIST
+              for (int64_t r = 0; r < 4; ++r) __builtin_prefetch(reinterpret_cast<const char*>(w0 + r * D + d) + PF_DIST, 0, 3);
 #endif
               store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
                                           (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
@@ -737,23 +748,29 @@ inline vf vactivate(vf v, int64_t act) {
   }
 }
 
-// a[slot, :] = scale · act(pre[slot, :S]) ⊙ pre[slot, S:2S] (gated) or scale · act(pre[slot, :S]).
+// a[slot, :] = scale · (act(pre[slot, :S]) ⊙ pre[slot, S:2S] − centre[e]) (gated) or
+// scale · (act(pre[slot, :S]) − centre[e]); centre (E, S) may be null (= 0). With the experts'
+// representatives as centre, the down projection yields Σ g_e (v_e − m_e): the MoE layer's
+// static-embedding term folded into the kernel.
 template <typename A>
-void activate_slots(const float* pre, const int64_t* slots, int64_t n, const float* scale, int64_t S, int64_t R,
-                    bool gated, int64_t act, A* a) {
+void activate_slots(const float* pre, const int64_t* slots, int64_t n, const float* scale, const float* centre,
+                    const int64_t* idx, int64_t S, int64_t R, bool gated, int64_t act, A* a) {
   at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / (16 * S)), [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
       const int64_t slot = slots[q];
       const float c = scale ? scale[slot] : 1.0f;
       const float* p = pre + slot * R;
+      const float* ctr = centre ? centre + idx[slot] * S : nullptr;
       A* o = a + slot * S;
       for (int64_t s0 = 0; s0 < S; s0 += L) {
         const int64_t m = std::min(L, S - s0);
-        alignas(64) float g[L] = {}, u[L] = {}, r[L];
+        alignas(64) float g[L] = {}, u[L] = {}, z[L] = {}, r[L];
         std::copy(p + s0, p + s0 + m, g);
         if (gated) std::copy(p + S + s0, p + S + s0 + m, u);
-        vf v = vactivate(load(g), act) * c;
+        if (ctr) std::copy(ctr + s0, ctr + s0 + m, z);
+        vf v = vactivate(load(g), act);
         if (gated) v *= load(u);
+        v = (v - load(z)) * c;
         store(r, v);
         for (int64_t j = 0; j < m; ++j) o[s0 + j] = static_cast<A>(r[j]);
       }
@@ -763,7 +780,7 @@ void activate_slots(const float* pre, const int64_t* slots, int64_t n, const flo
 
 at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
                             const at::Tensor& w_out, const at::Tensor& idx, const std::optional<at::Tensor>& scale,
-                            int64_t act, bool gated) {
+                            int64_t act, bool gated, const std::optional<at::Tensor>& centre) {
   check_weight(w_out, "w_out");
   const int64_t E = w_out.size(0), S = w_out.size(1), D = w_out.size(2);
   const int64_t T = idx.size(0), K = idx.size(1);
@@ -783,28 +800,41 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
     TORCH_CHECK(sc.numel() == T * K, "scale must be (T, K)");
     scp = sc.data_ptr<float>();
   }
+  at::Tensor ctr;
+  const float* cp = nullptr;
+  if (centre.has_value() && centre->defined()) {
+    ctr = as_f32(*centre);
+    TORCH_CHECK(ctr.numel() == E * S, "centre must be (E, S) = (", E, ", ", S, ")");
+    cp = ctr.data_ptr<float>();
+  }
+  const at::Tensor idx_c = idx.contiguous();
   const int64_t n = slots.numel();
   const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* ip = idx_c.data_ptr<int64_t>();
   const float* pp = pre.data_ptr<float>();
-  if (a_bf16) activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<bf16>());
-  else activate_slots(pp, sl, n, scp, S, R, gated, act, a.data_ptr<float>());
+  if (a_bf16) activate_slots(pp, sl, n, scp, cp, ip, S, R, gated, act, a.data_ptr<bf16>());
+  else activate_slots(pp, sl, n, scp, cp, ip, S, R, gated, act, a.data_ptr<float>());
   at::Tensor out = grouped_out(a, w_out, offsets, slots, K, T);
   return out.to(x.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY(moefy_cpu, m) {
+#ifndef MOEFY_LIB
+#define MOEFY_LIB moefy_cpu  // the torch.ops namespace; each ISA variant is built with its own
+#endif
+
+TORCH_LIBRARY(MOEFY_LIB, m) {
   m.def("build_groups(Tensor idx, int num_experts) -> (Tensor, Tensor)");
   m.def("grouped_in(Tensor x, Tensor w, Tensor? b, Tensor offsets, Tensor slots, int k) -> Tensor");
   m.def("grouped_out(Tensor a, Tensor w, Tensor offsets, Tensor slots, int k, int tokens) -> Tensor");
   m.def("grouped_wgrad(Tensor g, Tensor x, Tensor offsets, Tensor slots, int k, int num_experts) -> Tensor");
   m.def(
       "fused_expert_ffn(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, Tensor idx, Tensor? scale, int act, "
-      "bool gated) -> Tensor");
+      "bool gated, Tensor? centre=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
   m.impl("build_groups", &build_groups);
   m.impl("grouped_in", &grouped_in);
   m.impl("grouped_out", &grouped_out);

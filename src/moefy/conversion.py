@@ -25,7 +25,7 @@ from moefy.calibrate import LayerCalibration, calibrate_blockwise
 from moefy.errors import CalibrationError, InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
-from moefy.flops import FFNShape, dense_ffn_flops, k_for_budget, moe_ffn_flops
+from moefy.flops import FFNShape, compensation_flops, dense_ffn_flops, k_for_budget, moe_ffn_flops
 from moefy.kernels import ExpertWeights
 from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
@@ -86,6 +86,8 @@ def planned_top_k(shape: FFNShape, config: ConvertConfig) -> int:
     assert budget is not None
     ns = config.num_shared
     router = router_flops_per_token(shape.d_model, config.num_experts - ns, config.router_hidden)
+    if config.distill and config.distill_steps > 0:  # learned by distillation, paid per token
+        router += compensation_flops(shape.d_model, config.compensation, config.compensation_rank)
     return top_k_for_budget(shape, config.num_experts, ns, router, budget)
 
 
@@ -229,11 +231,19 @@ def search(
 
 
 # ---- apply ----------------------------------------------------------------------------------------
+def plan_compensation_flops(lp: LayerPlan) -> int:
+    """FLOPs per token of a layer plan's learned compensation (see `MoEFFN.compensation_flops`)."""
+    if lp.lowrank is not None:
+        return compensation_flops(lp.lowrank[0].shape[1], lp.compensation is not None, lp.lowrank[0].shape[0])
+    return 0 if lp.compensation is None else compensation_flops(lp.compensation.shape[0], True, 0)
+
+
 def runtime_top_k(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> int:
     if runtime.top_k is not None:
         return runtime.top_k
     if runtime.budget is not None:
         flops = lp.router.flops_per_token() if (lp.router is not None and runtime.selection == "router") else 0
+        flops += plan_compensation_flops(lp)
         return top_k_for_budget(shape, lp.num_experts, lp.num_shared, flops, runtime.budget)
     return lp.top_k
 
@@ -265,8 +275,10 @@ def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
     if lp.router is not None:  # the module gets its own copy: the plan stays as searched (fp32, CPU)
         scorer = copy.deepcopy(lp.router).to(device=device, dtype=dtype)
         router = ExpertRouter(scorer, top_k=max(0, lp.top_k - lp.num_shared))
+    lowrank = None if lp.lowrank is None else (lp.lowrank[0].to(device, dtype), lp.lowrank[1].to(device, dtype))
     moe = MoEFFN(
         experts=experts, representatives=lp.representatives.to(device, dtype), b_out=ffn.b_down, router=router,
+        compensation=None if lp.compensation is None else lp.compensation.to(device, dtype), lowrank=lowrank,
         num_shared=lp.num_shared, importance=lp.importance.to(device), kernel=runtime.kernel,
         **_layer_settings(lp, ffn_shape(ffn), runtime),
     )
