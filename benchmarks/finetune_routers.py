@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moefy.api import calibration_batches, convert, evaluate_model
-from moefy.convert import configure
+from moefy.conversion import configure
 from moefy.finetune import finetune_routers
 from moefy.moe_model import MoEModel
 from moefy.plan import is_plan_folder

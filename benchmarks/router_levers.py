@@ -27,7 +27,7 @@ from torch import Tensor
 
 from moefy.api import calibration_batches
 from moefy.calibrate import calibrate_blockwise
-from moefy.convert import ffn_shape, top_k_for_budget
+from moefy.conversion import ffn_shape, top_k_for_budget
 from moefy.errors import InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn

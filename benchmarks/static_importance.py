@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moefy.convert import moe_layers
+from moefy.conversion import moe_layers
 from moefy.moe_ffn import MoEFFN
 from moefy.text import TokenBatch
 
