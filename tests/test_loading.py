@@ -109,3 +109,59 @@ def test_a_bad_dtype_is_a_one_line_error(folder: Path, capsys) -> None:
     assert main(["eval", str(folder), "--dtype", "int8"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--dtype" in err and "bfloat16" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "--device 'tpu' is not a device"),
+    ("cuda:x", "--device 'cuda:x' is not a device"),
+    pytest.param("cuda", "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+])
+@pytest.mark.parametrize("command", ["eval", "convert", "run"])
+def test_a_bad_device_is_a_one_line_error_before_loading(command: str, device: str, message: str, folder: Path,
+                                                         tmp_path: Path, capsys) -> None:
+    extra = ["--out", str(tmp_path / "o")] if command != "eval" else []
+    assert main([command, str(folder), "--device", device, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "run"])
+def test_an_expert_count_that_cannot_fit_fails_before_loading(command: str, folder: Path, tmp_path: Path, capsys,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import moefy.models
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(moefy.models, "load_model", no_load)
+    monkeypatch.setattr("moefy.api.load_model", no_load)
+    monkeypatch.setattr("moefy.pipeline.load_model", no_load)
+    assert main([command, str(folder), "--experts", "7", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--experts 7 does not divide the FFN width 128" in err
+
+
+def test_ffn_width_is_read_without_loading(folder: Path, tmp_path: Path) -> None:
+    from moefy.models import ffn_width
+
+    assert ffn_width(str(folder)) == 128
+    assert ffn_width("smollm2-135m") == 1536 and ffn_width("minilm-l6") == 1536
+    assert ffn_width(str(tmp_path / "nothing")) is None  # load_model reports it
+    gpt2 = save_tiny_folder(tmp_path / "g", "gpt2")
+    assert ffn_width(str(gpt2)) == 128
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_convert_on_cuda_matches_cpu(folder: Path, tmp_path: Path) -> None:  # pragma: no cover - GPU machines only
+    from moefy.api import load
+    from moefy.settings import RuntimeConfig
+    from tests.tiny_models import tiny_inputs
+
+    cpu = load(str(folder))
+    inputs = tiny_inputs(cpu.model)
+    ref = cpu.model(**inputs).logits
+    gpu = load(str(folder), device="cuda")
+    out = gpu.model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    assert RuntimeConfig(kernel="auto").kernel == "auto"

@@ -32,7 +32,7 @@ from moefy.evaluate import (
 )
 from moefy.ffn import extract_ffn
 from moefy.flops import dense_ffn_flops, moe_ffn_flops
-from moefy.models import LoadedModel, load_model
+from moefy.models import LoadedModel, ffn_width, load_model
 from moefy.moe_model import MoEModel
 from moefy.plan import is_plan_folder
 from moefy.routers import router_flops_per_token
@@ -46,12 +46,14 @@ Target = LoadedModel | MoEModel
 CALIBRATION_SEQ_LEN = 256  # tokens per calibration window
 
 
-def load(name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None, dtype: str = "float32") -> Target:
+def load(
+    name: str, *, base: str | None = None, runtime: RuntimeConfig | None = None, dtype: str = "float32", device: str = "cpu"
+) -> Target:
     """A converted folder (adapter or export) as an `MoEModel`, else a dense model (bundled name,
-    folder, HF id), in `dtype` (float32 | bfloat16 | float16)."""
+    folder, HF id), in `dtype` (float32 | bfloat16 | float16) on `device` (cpu, cuda, cuda:N, mps)."""
     if Path(name).is_dir() and is_plan_folder(name):
-        return MoEModel.from_pretrained(name, base=base, runtime=runtime, dtype=dtype)
-    return load_model(name, dtype)
+        return MoEModel.from_pretrained(name, base=base, runtime=runtime, dtype=dtype, device=device)
+    return load_model(name, dtype, device)
 
 
 
@@ -103,7 +105,7 @@ def evaluate_model(
     else:
         ref = reference
         if ref is None and isinstance(target, MoEModel):
-            ref = load_model(loaded.source, next(model.parameters()).dtype)
+            ref = load_model(loaded.source, next(model.parameters()).dtype, next(model.parameters()).device)
         texts = {Path(f).name: read_text_file(f) for f in text_files} if text_files else {"english": bundled_text("english", "evaluation")}
         for name, text in texts.items():
             pairs = paired_texts(text, max_pairs=max_sequences * 5)
@@ -154,6 +156,7 @@ def convert(
     calibration: list[TokenBatch] | None = None,
     runtime: RuntimeConfig | None = None,
     dtype: str = "float32",
+    device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> MoEModel:
@@ -163,7 +166,9 @@ def convert(
     (tokenised batches), else the files `calibration_text`, else the bundled calibration text.
     `checkpoint_dir`: where distillation keeps its resumable checkpoint (default: none)."""
     config = config or config_for(model if isinstance(model, str) else model.name)
-    loaded = load_model(model, dtype) if isinstance(model, str) else model
+    if isinstance(model, str):
+        config.validate_for(ffn_width(model))  # an expert count that cannot fit fails before loading
+    loaded = load_model(model, dtype, device) if isinstance(model, str) else model
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
     plan = search(loaded, batches, config, progress=progress)

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefy.conversion import block_moe
-from moefy.errors import CheckpointError, InvalidArgumentError
+from moefy.errors import CalibrationError, CheckpointError, InvalidArgumentError
 from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
 from moefy.outputs import atomic_folder
@@ -339,6 +339,40 @@ def distill(
     if ids.shape[0] == 0:
         raise InvalidArgumentError("no distillation text: the calibration batches are empty")
     t0 = time.perf_counter()
+    with _in_float32(model):
+        _distill_fp32(loaded, plan, pairs, ids, mask, config, report, checkpoint_dir, progress)
+    report.seconds = time.perf_counter() - t0
+    s = report.summary()
+    log.info("distilled %d layers for %d steps in %.0f s: loss on the probe sequences %.4f -> %.4f", len(layers),
+             s["steps"], report.seconds, report.probe_before, report.probe_after)
+    return report
+
+
+@contextmanager
+def _in_float32(model: nn.Module) -> Iterator[None]:
+    """Train in float32 whatever the model's dtype (Adam updates of bf16/fp16 tensors underflow or
+    overflow); the model returns to its dtype after, its frozen weights bit for bit."""
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        yield
+        return
+    model.float()
+    try:
+        yield
+    finally:
+        model.to(dtype)
+        for m in model.modules():
+            if isinstance(m, MoEFFN):
+                m.refresh_static()
+
+
+def _distill_fp32(
+    loaded: LoadedModel, plan: ModelPlan, pairs: Sequence[tuple[LayerPlan, MoEFFN]], ids: Tensor, mask: Tensor,
+    config: ConvertConfig, report: DistillReport, checkpoint_dir: str | Path | None, progress: bool,
+) -> None:
+    model = loaded.model
+    layers = [m for _, m in pairs]
+    steps = config.distill_steps
     targets = teacher_targets(loaded, layers, [TokenBatch(ids[i : i + 8], mask[i : i + 8]) for i in range(0, ids.shape[0], 8)])
     for m in layers:
         add_compensation(m, config)
@@ -366,6 +400,11 @@ def distill(
             out = output_loss(loaded, res, target, b_mask)  # type: ignore[arg-type]
             lay = torch.stack([layer_loss(m) for m in layers]).mean()
             loss = out + config.distill_layer_weight * lay
+            if not torch.isfinite(loss):
+                raise CalibrationError(
+                    f"distillation diverged at step {step + 1} (the loss is not finite); rerun with a lower "
+                    f"--distill-lr (now {config.distill_lr}) or skip it with --no-distill"
+                )
             for g in opt.param_groups:
                 g["lr"] = config.distill_lr * lr_factor(step, steps)
             opt.zero_grad(set_to_none=True)
@@ -387,11 +426,6 @@ def distill(
     bar.close()
     write_back(pairs)
     report.probe_after = probe_loss(loaded, ids[:probe], mask[:probe], targets)
-    report.seconds = time.perf_counter() - t0
-    s = report.summary()
-    log.info("distilled %d layers for %d steps in %.0f s: loss on %d calibration sequences %.4f -> %.4f", len(layers),
-             s["steps"], report.seconds, probe, report.probe_before, report.probe_after)
-    return report
 
 
 def distilled_layers(loaded: LoadedModel, plan: ModelPlan) -> list[tuple[LayerPlan, MoEFFN]]:

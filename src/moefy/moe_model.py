@@ -94,7 +94,7 @@ class MoEModel:
     @classmethod
     def from_pretrained(
         cls, folder: str | Path, *, base: str | LoadedModel | None = None, runtime: RuntimeConfig | None = None,
-        dtype: str = "float32",
+        dtype: str = "float32", device: str = "cpu",
     ) -> MoEModel:
         """Load a plan folder onto its base model: `base` (a name, folder or loaded model), else the
         base the plan records. The plan is read and checked before the base is loaded."""
@@ -110,7 +110,7 @@ class MoEModel:
                     f"moefy does not fetch a model a file names: pass --base {name} (base=...) to confirm it, "
                     "or --base with the folder it now lives in"
                 )
-            loaded = load_model(str(folder) if name == SELF else name, dtype)
+            loaded = load_model(str(folder) if name == SELF else name, dtype, device)
         identity = base_identity(loaded)
         if not identity.same_weights(plan.base):
             raise CheckpointError(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from moefy.api import convert, distill_checkpoint_dir, evaluate_model, remove_distill_checkpoint
 from moefy.conversion import check_config_for, ffn_flops_fraction
-from moefy.models import load_model
+from moefy.models import ffn_width, load_model
 from moefy.outputs import check_writable
 from moefy.settings import ConvertConfig
 
@@ -27,16 +27,18 @@ def run_main_job(
     report: bool = True,
     progress: bool = True,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict:
     """Returns the summary that is also written to `out/results.json`."""
     config = config or ConvertConfig()
     check_writable(out, overwrite=overwrite)
-    loaded = load_model(name, dtype)
+    config.validate_for(ffn_width(name))  # before loading
+    loaded = load_model(name, dtype, device)
     check_config_for(loaded, config)  # before minutes of dense evaluation
     t0 = time.perf_counter()
     dense = evaluate_model(loaded, max_sequences=eval_sequences, progress=progress)
     log.info("dense evaluation took %.0f s", time.perf_counter() - t0)
-    reference = load_model(name, dtype) if not loaded.is_causal else None  # encoders: fidelity vs dense
+    reference = load_model(name, dtype, device) if not loaded.is_causal else None  # encoders: fidelity vs dense
     t0 = time.perf_counter()
     moe = convert(loaded, config, checkpoint_dir=distill_checkpoint_dir(out), progress=progress)
     plan = moe.plan

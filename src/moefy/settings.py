@@ -153,9 +153,10 @@ class ConvertConfig:
                 "lower --shared (0 for none) or raise --top-k"
             )
 
-    def validate_for(self, d_ff: int) -> None:
-        """The checks that need the model's FFN width (read from its config, before any weight)."""
-        if d_ff % self.num_experts:
+    def validate_for(self, d_ff: int | None) -> None:
+        """The checks that need the model's FFN width (read from its config, before any weight);
+        None (not known before loading) checks nothing."""
+        if d_ff is not None and d_ff % self.num_experts:
             divisors = [n for n in range(2, min(d_ff, 4096) + 1) if d_ff % n == 0]
             shown = ", ".join(map(str, divisors[:24])) + (" ..." if len(divisors) > 24 else "")
             raise InvalidArgumentError(

@@ -63,8 +63,18 @@ DTYPES = ("float32", "bfloat16", "float16")  # moefy.models.DTYPES, without impo
 
 
 def add_dtype(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --device: the precision and the place the model is loaded and run in."""
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="precision the model is loaded and run in (default: float32)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the model is loaded and run: cpu, cuda, cuda:N or mps (default: cpu)")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """--device names a device this machine has (checked before any model loads)."""
+    from moefy.models import torch_device
+
+    torch_device(args.device)
 
 
 def settings_from(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -80,4 +90,4 @@ def runtime_changes(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-__all__ = ["Parser", "add_dtype", "add_settings", "runtime_changes", "settings_from"]
+__all__ = ["Parser", "add_dtype", "check_device", "add_settings", "runtime_changes", "settings_from"]
