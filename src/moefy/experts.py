@@ -20,6 +20,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,10 +30,12 @@ from moefy.settings import METHODS
 
 log = logging.getLogger(__name__)
 
-_WARMUP_STEPS = 5  # unconstrained Lloyd steps before the balanced ones
-_EPS_FIRST = (1e-1, 1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
+_WARMUP_STEPS = 3  # unconstrained Lloyd steps before the balanced ones
+_EPS_FIRST = (1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
 _EPS_WARM = (1e-2, 1e-3)  # ... warm-started from the previous iteration's prices
-_PATIENCE = 2  # balanced iterations without a better objective before a stage ends
+_SEQUENTIAL_TAIL = 512  # the auction's last bidders go one at a time
+_MIN_GAIN = 1e-4  # a balanced iteration that lowers the objective by less (relative) is stale...
+_PATIENCE = {"lloyd": 1, "hartigan": 2}  # ... and this many stale ones in a row end the stage
 
 @dataclass
 class ExpertPlan:
@@ -64,24 +67,26 @@ def _auction(benefit: Tensor, size: int, prices: Tensor, eps_schedule: list[floa
     labels = torch.empty(h, dtype=torch.long)
     if n == 1:
         return labels.fill_(0), prices
-    cols = torch.arange(n)
     for eps in eps_schedule:
         # each column has `size` slots; a slot's price is the bid that holds it (the column's
         # reserve price while empty); a column's price is its lowest slot
         slot_bid = prices[:, None].expand(n, size).clone()
         slot_own = torch.full((n, size), -1, dtype=torch.long)
         free = torch.arange(h)
-        while free.numel():
+        while free.numel() > _SEQUENTIAL_TAIL:
             top = (benefit[free] - prices).topk(2, dim=1)
             best = top.indices[:, 0]
             bid = prices[best] + (top.values[:, 0] - top.values[:, 1]) + eps
             # the columns bid on keep the `size` highest of their holders' and new bids
             order = torch.argsort(best, stable=True)
             best, bid, who = best[order], bid[order], free[order]
-            hit, counts = torch.unique_consecutive(best, return_counts=True)
-            rank = torch.arange(best.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            row = torch.repeat_interleave(torch.arange(hit.numel()), counts)
-            width = int(counts.max())
+            first = torch.ones_like(best, dtype=torch.bool)
+            first[1:] = best[1:] != best[:-1]
+            row = torch.cumsum(first, 0) - 1  # group of each bid
+            starts = first.nonzero().squeeze(1)
+            hit = best[starts]
+            rank = torch.arange(best.numel()) - starts[row]
+            width = int(rank.max()) + 1
             new_bid = torch.full((hit.numel(), width), -math.inf, dtype=benefit.dtype)
             new_own = torch.full((hit.numel(), width), -1, dtype=torch.long)
             new_bid[row, rank] = bid
@@ -98,8 +103,32 @@ def _auction(benefit: Tensor, size: int, prices: Tensor, eps_schedule: list[floa
             held = slot_own[slot_own >= 0]
             out[held] = False
             free = out.nonzero().squeeze(1)
-    labels[slot_own.reshape(-1)] = cols.repeat_interleave(size)
+        if free.numel():
+            prices = prices.clone()
+            _auction_tail(benefit.numpy(), prices.numpy(), slot_bid.numpy(), slot_own.numpy(), free.tolist(), eps)
+    labels[slot_own.reshape(-1)] = torch.arange(n)[:, None].expand(n, size).reshape(-1)
     return labels, prices
+
+
+def _auction_tail(
+    benefit: np.ndarray, prices: np.ndarray, slot_bid: np.ndarray, slot_own: np.ndarray, free: list[int], eps: float
+) -> None:
+    """The auction's last bidders one at a time (Gauss-Seidel), in place: the few that remain
+    bounce for many rounds, which costs far less per bid here than a vectorised round."""
+    while free:
+        i = free.pop()
+        value = benefit[i] - prices
+        best = int(value.argmax())
+        top = value[best]
+        value[best] = -np.inf
+        col = slot_bid[best]
+        slot = int(col.argmin())  # the bid beats the column's price, its lowest slot
+        evicted = int(slot_own[best, slot])
+        col[slot] = prices[best] + (top - value.max()) + eps
+        slot_own[best, slot] = i
+        prices[best] = col.min()
+        if evicted >= 0:
+            free.append(evicted)
 
 
 def balanced_objective(features: Tensor, labels: Tensor, num_clusters: int) -> float:
@@ -119,13 +148,13 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
 
     1. a few unconstrained Lloyd steps from n random rows (`seed`) place the centres;
     2. balanced Lloyd: the best balanced assignment for the centres (`_auction`, eps-optimal), then
-       the centres become the cluster means; until the labels or the objective stop improving;
+       the centres become the cluster means; until the objective stops improving;
     3. Hartigan-style refinement: the same, with the cost of staying in one's cluster scaled by
        s/(s-1) and of moving by s/(s+1) (s = h/n; the exact change of the objective for a single
        move, the centres moving with it), which leaves balanced Lloyd's local minima.
 
-    `iters` bounds the balanced iterations of each of steps 2 and 3. The best labelling seen is
-    returned; the same features and seed give the same labels.
+    `iters` bounds the balanced iterations of steps 2 and 3 together (one matmul each). The best
+    labelling seen is returned; the same features and seed give the same labels.
     """
     h = features.shape[0]
     if num_clusters < 1 or num_clusters > h or h % num_clusters:
@@ -136,7 +165,7 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
     size = h // num_clusters
     if num_clusters == 1:
         return torch.zeros(h, dtype=torch.long)
-    x = features.detach().float().contiguous()
+    x = features.detach().float().cpu().contiguous()
     g = torch.Generator().manual_seed(seed)
     centres = x[torch.randperm(h, generator=g)[:num_clusters]].clone()
     for _ in range(_WARMUP_STEPS):  # unconstrained Lloyd; an empty cluster keeps its centre
@@ -150,28 +179,29 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
     best_labels, best_obj = torch.arange(h) // size, math.inf
     labels: Tensor | None = None
     stages = ("lloyd", "hartigan") if size > 1 else ("lloyd",)
+    budget = iters
     for stage in stages:
         stale = 0
-        for it in range(iters):
+        while budget > 0:
+            budget -= 1
             benefit = torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=2.0, beta=-1.0)  # (h, n)
             if stage == "hartigan" and labels is not None:
                 cost = (sq_norms[:, None] - benefit).clamp(min=0)
                 own = cost.gather(1, labels[:, None]) * (size / (size - 1))
                 benefit = -(cost * (size / (size + 1))).scatter_(1, labels[:, None], own)
             spread = float((benefit.max(1).values - benefit.min(1).values).mean()) or 1.0
-            first = labels is None and it == 0
-            schedule = [spread * e for e in (_EPS_FIRST if first else _EPS_WARM)]
+            schedule = [spread * e for e in (_EPS_FIRST if labels is None else _EPS_WARM)]
             new_labels, prices = _auction(benefit, size, prices, schedule)
             centres = torch.zeros_like(centres).index_add_(0, new_labels, x) / size
             obj = total_sq - size * float((centres.double() ** 2).sum())
-            improved = obj < best_obj - 1e-9 * abs(obj)
-            if improved:
+            log.debug("balanced k-means, %s: objective %.6g", stage, obj)
+            gained = obj < best_obj * (1 - _MIN_GAIN)
+            if obj < best_obj:
                 best_labels, best_obj = new_labels, obj
-            stale = 0 if improved else stale + 1
+            stale = 0 if gained else stale + 1
             same = labels is not None and torch.equal(labels, new_labels)
             labels = new_labels
-            log.debug("balanced k-means %s %d: objective %.6g", stage, it, obj)
-            if same or stale >= _PATIENCE:
+            if same or stale >= _PATIENCE[stage]:
                 break
         labels = best_labels
         centres = torch.zeros_like(centres).index_add_(0, labels, x) / size
