@@ -152,12 +152,20 @@ struct Groups {
   const int64_t* offsets;  // (E + 1,) start of each expert's slot list
   const int64_t* slots;    // (N,) slot ids t * K + j, grouped by expert
   int64_t k;
+  std::vector<int64_t> token;  // (N,) slots[q] / k, computed once (a 64-bit division is slow)
+  const int64_t* tokens;       // token.data()
+  const int64_t* arows;        // (N,) row of the activations `a` that grouped_out reads for slots[q]:
+                               // slots (a in slot order) or 0..N-1 (a in grouped order, contiguous per expert)
 };
 
 Groups groups_of(const at::Tensor& offsets, const at::Tensor& slots, int64_t k) {
   TORCH_CHECK(offsets.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "groups must be int64");
   TORCH_CHECK(offsets.is_contiguous() && slots.is_contiguous(), "groups must be contiguous");
-  return Groups{offsets.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), k};
+  Groups g{offsets.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), k, {}, nullptr, slots.data_ptr<int64_t>()};
+  g.token.resize(static_cast<size_t>(slots.numel()));
+  for (int64_t q = 0; q < slots.numel(); ++q) g.token[q] = g.slots[q] / k;
+  g.tokens = g.token.data();
+  return g;
 }
 
 std::tuple<at::Tensor, at::Tensor> build_groups(const at::Tensor& idx_in, int64_t num_experts) {
@@ -304,7 +312,7 @@ void grouped_in_impl(const X* x, const W* w, const W* bias, const Groups& g, int
       int64_t slot[IN_TB];
       for (int64_t tb = 0; tb < it.ntok; ++tb) {
         slot[tb] = g.slots[it.slot_begin + tb];
-        xs[tb] = x + (slot[tb] / g.k) * D;
+        xs[tb] = x + g.tokens[it.slot_begin + tb] * D;
       }
       for (int64_t r0 = it.r0; r0 < it.r1; r0 += rows_per_tile) {
         const int64_t rows = std::min(rows_per_tile, it.r1 - r0);
@@ -405,9 +413,8 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
         const Item& it = items[i];
         if (i + 1 < n_items && items[i + 1].e != it.e) prefetch_rows(w + (items[i + 1].e * S + items[i + 1].s0) * D, D);
         for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q) {
-          const int64_t slot = g.slots[q];
-          float* o = acc + (slot / g.k) * D;
-          const float* c = a + slot * S;
+          float* o = acc + g.tokens[q] * D;
+          const float* c = a + g.arows[q] * S;
           int64_t s = it.s0;
           for (; s + 4 <= it.s1; s += 4) {
             const W* w0 = w + (it.e * S + s) * D;
@@ -444,7 +451,7 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
 // Many tokens: split the columns among threads (no write conflicts); within a column block of
 // NV vectors, tiles of TB tokens of one expert keep their partial sums in registers over S.
 template <int TB, int NV, typename W>
-inline void out_tile(const float* a, const W* w, const int64_t* slots, int64_t k, int64_t S, int64_t D,
+inline void out_tile(const float* a, const W* w, const int64_t* slots, const int64_t* toks, int64_t S, int64_t D,
                      int64_t col, float* out) {
   vf acc[TB][NV];
   for (int tb = 0; tb < TB; ++tb)
@@ -458,22 +465,22 @@ inline void out_tile(const float* a, const W* w, const int64_t* slots, int64_t k
     }
   }
   for (int tb = 0; tb < TB; ++tb) {
-    float* o = out + (slots[tb] / k) * D + col;
+    float* o = out + toks[tb] * D + col;
     for (int v = 0; v < NV; ++v) store(o + v * L, load(o + v * L) + acc[tb][v]);
   }
 }
 
 template <int NV, typename W>
-inline void out_block(const float* a, const W* we, const int64_t* slots, int64_t n, int64_t k, int64_t S,
+inline void out_block(const float* a, const W* we, const int64_t* slots, int64_t n, const int64_t* toks, int64_t S,
                       int64_t D, int64_t col, float* out) {
   int64_t q = 0;
-  for (; q + 6 <= n; q += 6) out_tile<6, NV>(a, we, slots + q, k, S, D, col, out);
+  for (; q + 6 <= n; q += 6) out_tile<6, NV>(a, we, slots + q, toks + q, S, D, col, out);
   switch (n - q) {
-    case 5: out_tile<5, NV>(a, we, slots + q, k, S, D, col, out); break;
-    case 4: out_tile<4, NV>(a, we, slots + q, k, S, D, col, out); break;
-    case 3: out_tile<3, NV>(a, we, slots + q, k, S, D, col, out); break;
-    case 2: out_tile<2, NV>(a, we, slots + q, k, S, D, col, out); break;
-    case 1: out_tile<1, NV>(a, we, slots + q, k, S, D, col, out); break;
+    case 5: out_tile<5, NV>(a, we, slots + q, toks + q, S, D, col, out); break;
+    case 4: out_tile<4, NV>(a, we, slots + q, toks + q, S, D, col, out); break;
+    case 3: out_tile<3, NV>(a, we, slots + q, toks + q, S, D, col, out); break;
+    case 2: out_tile<2, NV>(a, we, slots + q, toks + q, S, D, col, out); break;
+    case 1: out_tile<1, NV>(a, we, slots + q, toks + q, S, D, col, out); break;
     default: break;
   }
 }
@@ -492,18 +499,17 @@ void grouped_out_cols(const float* a, const W* w, const Groups& g, int64_t E, in
         if (n == 0) continue;
         const W* we = w + e * S * D;
         switch (width / L) {
-          case 4: out_block<4>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
-          case 3: out_block<3>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
-          case 2: out_block<2>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
-          case 1: out_block<1>(a, we, g.slots + b, n, g.k, S, D, col, out); break;
+          case 4: out_block<4>(a, we, g.arows + b, n, g.tokens + b, S, D, col, out); break;
+          case 3: out_block<3>(a, we, g.arows + b, n, g.tokens + b, S, D, col, out); break;
+          case 2: out_block<2>(a, we, g.arows + b, n, g.tokens + b, S, D, col, out); break;
+          case 1: out_block<1>(a, we, g.arows + b, n, g.tokens + b, S, D, col, out); break;
           default: break;
         }
         for (int64_t j = col + (width / L) * L; j < col + width; ++j)  // scalar tail (D % 16)
           for (int64_t q = b; q < b + n; ++q) {
-            const int64_t slot = g.slots[q];
             float sum = 0.0f;
-            for (int64_t s = 0; s < S; ++s) sum += a[slot * S + s] * scalar(we[s * D + j]);
-            out[(slot / g.k) * D + j] += sum;
+            for (int64_t s = 0; s < S; ++s) sum += a[g.arows[q] * S + s] * scalar(we[s * D + j]);
+            out[g.tokens[q] * D + j] += sum;
           }
       }
     }
@@ -541,7 +547,7 @@ inline void pack_pairs(const bf16* we, int64_t S, int64_t D, int64_t col, int64_
 }
 
 template <int TB>
-inline void out_tile_bf16(const bf16* a, const __m512i* packed, const int64_t* slots, int64_t k, int64_t S,
+inline void out_tile_bf16(const bf16* a, const __m512i* packed, const int64_t* slots, const int64_t* toks, int64_t S,
                           int64_t D, int64_t col, int64_t width, float* out) {
   __m512 acc[TB][4];
   for (int tb = 0; tb < TB; ++tb)
@@ -560,7 +566,7 @@ inline void out_tile_bf16(const bf16* a, const __m512i* packed, const int64_t* s
     }
   }
   for (int tb = 0; tb < TB; ++tb) {
-    float* o = out + (slots[tb] / k) * D + col;
+    float* o = out + toks[tb] * D + col;
     for (int v = 0; v < 4; ++v) {
       const __mmask16 m = mask16(width - 16 * v);
       _mm512_mask_storeu_ps(o + 16 * v, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o + 16 * v), acc[tb][v]));
@@ -581,15 +587,15 @@ void grouped_out_cols_bf16(const bf16* a, const bf16* w, const Groups& g, int64_
         const int64_t b = g.offsets[e], n = g.offsets[e + 1] - b;
         if (n == 0) continue;
         pack_pairs(w + e * S * D, S, D, col, width, packed.data());
-        const int64_t* sl = g.slots + b;
+        const int64_t* sl = g.arows + b;
         int64_t q = 0;
-        for (; q + 6 <= n; q += 6) out_tile_bf16<6>(a, packed.data(), sl + q, g.k, S, D, col, width, out);
+        for (; q + 6 <= n; q += 6) out_tile_bf16<6>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out);
         switch (n - q) {
-          case 5: out_tile_bf16<5>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
-          case 4: out_tile_bf16<4>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
-          case 3: out_tile_bf16<3>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
-          case 2: out_tile_bf16<2>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
-          case 1: out_tile_bf16<1>(a, packed.data(), sl + q, g.k, S, D, col, width, out); break;
+          case 5: out_tile_bf16<5>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out); break;
+          case 4: out_tile_bf16<4>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out); break;
+          case 3: out_tile_bf16<3>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out); break;
+          case 2: out_tile_bf16<2>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out); break;
+          case 1: out_tile_bf16<1>(a, packed.data(), sl + q, g.tokens + b + q, S, D, col, width, out); break;
           default: break;
         }
       }
@@ -600,13 +606,9 @@ void grouped_out_cols_bf16(const bf16* a, const bf16* w, const Groups& g, int64_
 
 constexpr int64_t FEW_TOKENS = 8;
 
-at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& offsets,
-                       const at::Tensor& slots, int64_t k, int64_t tokens) {
-  check_weight(w, "w");
+at::Tensor grouped_out_impl(const at::Tensor& a_in, const at::Tensor& w, const Groups& g, int64_t tokens) {
   const int64_t E = w.size(0), S = w.size(1), D = w.size(2);
-  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == tokens * k && a_in.size(1) == S, "a must be (T * K, ", S, ")");
   at::Tensor out = at::zeros({tokens, D}, a_in.options().dtype(at::kFloat));
-  const Groups g = groups_of(offsets, slots, k);
   float* o = out.data_ptr<float>();
   const bool few = tokens <= FEW_TOKENS;
 #if MOEFY_BF16_DOT
@@ -625,6 +627,14 @@ at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Te
     else grouped_out_cols(a.data_ptr<float>(), w.data_ptr<bf16>(), g, E, S, D, o);
   }
   return out;
+}
+
+at::Tensor grouped_out(const at::Tensor& a_in, const at::Tensor& w, const at::Tensor& offsets,
+                       const at::Tensor& slots, int64_t k, int64_t tokens) {
+  check_weight(w, "w");
+  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == tokens * k && a_in.size(1) == w.size(1), "a must be (T * K, ",
+              w.size(1), ")");
+  return grouped_out_impl(a_in, w, groups_of(offsets, slots, k), tokens);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -755,24 +765,30 @@ inline vf vactivate(vf v, int64_t act) {
 template <typename A>
 void activate_slots(const float* pre, const int64_t* slots, int64_t n, const float* scale, const float* centre,
                     const int64_t* idx, int64_t S, int64_t R, bool gated, int64_t act, A* a) {
-  at::parallel_for(0, n, std::max<int64_t>(1, MIN_WORK / (16 * S)), [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t slot = slots[q];
-      const float c = scale ? scale[slot] : 1.0f;
-      const float* p = pre + slot * R;
-      const float* ctr = centre ? centre + idx[slot] * S : nullptr;
-      A* o = a + slot * S;
-      for (int64_t s0 = 0; s0 < S; s0 += L) {
-        const int64_t m = std::min(L, S - s0);
-        alignas(64) float g[L] = {}, u[L] = {}, z[L] = {}, r[L];
-        std::copy(p + s0, p + s0 + m, g);
-        if (gated) std::copy(p + S + s0, p + S + s0 + m, u);
-        if (ctr) std::copy(ctr + s0, ctr + s0 + m, z);
-        vf v = vactivate(load(g), act);
-        if (gated) v *= load(u);
-        v = (v - load(z)) * c;
-        store(r, v);
-        for (int64_t j = 0; j < m; ++j) o[s0 + j] = static_cast<A>(r[j]);
+  // Chunks of slots: their gate values are packed into one buffer and activated 16 lanes at a
+  // time whatever S is (small experts waste no lanes), then combined with up, centre and scale.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(16, 4096 / std::max<int64_t>(S, 1)));
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  at::parallel_for(0, n_chunks, std::max<int64_t>(1, MIN_WORK / (16 * S * chunk)), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>((chunk * S + L - 1) / L * L));
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t q0 = ch * chunk, m = std::min(chunk, n - q0);
+      for (int64_t i = 0; i < m; ++i) std::copy(pre + slots[q0 + i] * R, pre + slots[q0 + i] * R + S, buf.data() + i * S);
+      const int64_t used = m * S;
+      std::fill(buf.begin() + used, buf.end(), 0.0f);
+      for (int64_t j = 0; j < used; j += L) store(buf.data() + j, vactivate(load(buf.data() + j), act));
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t slot = slots[q0 + i];
+        const float c = scale ? scale[slot] : 1.0f;
+        const float* up = pre + slot * R + S;
+        const float* ctr = centre ? centre + idx[slot] * S : nullptr;
+        const float* v = buf.data() + i * S;
+        A* o = a + (q0 + i) * S;
+        for (int64_t j = 0; j < S; ++j) {
+          float r = gated ? v[j] * up[j] : v[j];
+          if (ctr) r -= ctr[j];
+          o[j] = static_cast<A>(r * c);
+        }
       }
     }
   });
@@ -791,8 +807,9 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
   // bf16 weights, many tokens: a is rounded to bf16 for the vdpbf16ps down projection
   const bool a_bf16 = T > FEW_TOKENS && bf16_math(x, w_out);
-  at::Tensor a = a_bf16 ? at::empty({T * K, S}, pre.options().dtype(at::kBFloat16))
-                        : (gated ? at::empty({T * K, S}, pre.options()) : pre);
+  // a in grouped order (N, S): each expert's rows contiguous for the down projection
+  const int64_t n = slots.numel();
+  at::Tensor a = at::empty({n, S}, pre.options().dtype(a_bf16 ? at::kBFloat16 : at::kFloat));
   at::Tensor sc;
   const float* scp = nullptr;
   if (scale.has_value() && scale->defined()) {
@@ -808,13 +825,16 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
     cp = ctr.data_ptr<float>();
   }
   const at::Tensor idx_c = idx.contiguous();
-  const int64_t n = slots.numel();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t* ip = idx_c.data_ptr<int64_t>();
   const float* pp = pre.data_ptr<float>();
   if (a_bf16) activate_slots(pp, sl, n, scp, cp, ip, S, R, gated, act, a.data_ptr<bf16>());
   else activate_slots(pp, sl, n, scp, cp, ip, S, R, gated, act, a.data_ptr<float>());
-  at::Tensor out = grouped_out(a, w_out, offsets, slots, K, T);
+  Groups g = groups_of(offsets, slots, K);
+  std::vector<int64_t> rows(static_cast<size_t>(n));
+  for (int64_t q = 0; q < n; ++q) rows[q] = q;
+  g.arows = rows.data();
+  at::Tensor out = grouped_out_impl(a, w_out, g, T);
   return out.to(x.scalar_type());
 }
 

@@ -1,0 +1,188 @@
+"""The speed paths of issue 13 compute what the plain paths compute: every instruction-set variant
+of the C++ kernels equals the reference (outputs and gradients); the fused static term (activations
+centred on the representatives) and the batched dense fallback equal the kernel-plus-static-vectors
+formulation, whichever the measured cost model picks; the MoE layer's fast inference path equals its
+general path (compensation included); the decode profile runs on a tiny model. No wall-clock
+assertions.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moefy.bench_model import profile_decode
+from moefy.errors import InvalidArgumentError
+from moefy.ffn import FFNWeights
+from moefy.kernels import ExpertWeights, get_kernel, reference_expert_ffn
+from moefy.kernels import dispatch
+from moefy.kernels.cpu_ext import available_isas, cpu_ops, forced_isa
+from moefy.kernels.dispatch import centred_expert_ffn, dense_centred_expert_ffn
+from moefy.moe_ffn import MoEFFN
+from moefy.routers import ExpertRouter, MLPRouter
+from tests.test_kernels import _close, as_float, make_routing, make_weights
+from tests.tiny_models import tiny_inputs, tiny_model
+
+needs_cpp = pytest.mark.skipif(cpu_ops() is None, reason="the C++ kernels did not build here")
+
+
+def _centred_reference(x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor) -> Tensor:
+    """Σ_j (v_e − m_e) with m_e = centre[e] W_out[e]: the reference kernel minus the static vectors."""
+    static = torch.einsum("es,esd->ed", centre, weights.w_out)
+    valid = (idx >= 0).to(x.dtype)
+    chosen = F.embedding_bag(idx.clamp_min(0), static, per_sample_weights=valid, mode="sum")
+    return reference_expert_ffn(x, weights, idx, None) - chosen
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_every_isa_variant_equals_reference(isa: str, dtype: torch.dtype, tokens: int) -> None:
+    """Each instruction-set build (AVX-512+BF16 / AVX-512 / AVX2 / baseline where the host runs them)
+    through the fused call and the autograd path; vector tails (D=100), dynamic k (-1 slots)."""
+    for e, s, d, gated in ((64, 6, 100, True), (16, 24, 64, False)):
+        weights = make_weights(e, s, d, gated=gated, dtype=dtype, seed=tokens)
+        idx, scale = make_routing(tokens, e, e // 2, empty=tokens > 1, seed=tokens)
+        x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+        scale = scale.to(dtype)
+        ref = reference_expert_ffn(x.float(), as_float(weights), idx, scale.float())
+        with forced_isa(isa):
+            assert cpu_ops() is not None, f"the {isa} variant did not build"
+            out = get_kernel("cpu")(x, weights, idx, scale)
+        _close(out, ref, dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", available_isas())
+def test_every_isa_variant_gradients(isa: str) -> None:
+    weights = make_weights(32, 6, 40, gated=True, seed=2)
+    idx, scale0 = make_routing(10, 32, 8, empty=True, seed=2)
+    x0 = torch.randn(10, 40, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for run in ("reference", isa):
+        w = ExpertWeights(w_in=weights.w_in.clone().requires_grad_(), w_out=weights.w_out.clone().requires_grad_(),
+                          act=weights.act, gated=True, b_in=weights.b_in.clone().requires_grad_())
+        x, scale = x0.clone().requires_grad_(), scale0.clone().requires_grad_()
+        if run == "reference":
+            out = reference_expert_ffn(x, w, idx, scale)
+        else:
+            with forced_isa(isa):
+                out = get_kernel("cpu")(x, w, idx, scale)
+        out.square().sum().backward()
+        grads[run] = [x.grad, scale.grad, w.w_in.grad, w.w_out.grad, w.b_in.grad]
+    for got, ref in zip(grads[isa], grads["reference"], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_isa_is_a_clear_error() -> None:
+    with pytest.raises(InvalidArgumentError, match="avx2"), forced_isa("sse9"):
+        pass
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("tokens,k", [(1, 1), (1, 32), (5, 16), (40, 48), (40, 64)])
+def test_centred_kernel_and_dense_fallback_equal_reference(
+    tokens: int, k: int, gated: bool, dtype: torch.dtype
+) -> None:
+    """Σ (v_e − m_e) by the fused sparse kernel, by the dense fallback and by `auto` (which measures
+    and picks one) all equal the reference, for fixed and dynamic k (-1 slots)."""
+    e, s, d = 64, 6, 100
+    weights = make_weights(e, s, d, gated=gated, dtype=dtype, seed=k)
+    centre = (0.1 * torch.randn(e, s, generator=torch.Generator().manual_seed(k))).to(dtype)
+    idx, _ = make_routing(tokens, e, k, empty=tokens > 1 and k < e, seed=k)
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ref = _centred_reference(x.float(), as_float(weights), idx, centre.float())
+    dispatch.clear_centred_choices()
+    with torch.no_grad():
+        for mode in ("sparse", "dense", "auto", "auto"):  # the second auto uses the recorded choice
+            out = centred_expert_ffn(x, weights, idx, centre, mode)
+            assert out is not None
+            _close(out, ref, dtype)
+    if tokens > dispatch.DECODE_MAX_TOKENS:
+        assert set(dispatch._choices.values()) <= {"sparse", "dense"} and dispatch._choices
+
+
+def test_dense_fallback_is_pure_torch_and_differentiable() -> None:
+    weights = make_weights(8, 4, 16, gated=True, seed=1)
+    centre = torch.randn(8, 4)
+    idx, _ = make_routing(6, 8, 3, empty=True)
+    x = torch.randn(6, 16, requires_grad=True)
+    ref = _centred_reference(x.detach(), weights, idx, centre)
+    out = dense_centred_expert_ffn(x, weights, idx, centre)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert x.grad is not None
+    with pytest.raises(InvalidArgumentError, match="sparse"):
+        centred_expert_ffn(x, weights, idx, centre, "fast")
+
+
+def _moe_layer(*, compensation: bool, lowrank: bool, kernel: str = "auto", seed: int = 0) -> MoEFFN:
+    e, s, d, ns = 16, 6, 40, 2
+    gen = torch.Generator().manual_seed(seed)
+    weights = make_weights(e, s, d, gated=True, bias=False, seed=seed)
+    scorer = MLPRouter(d, e - ns, hidden=0)
+    with torch.no_grad():
+        scorer.net.weight.copy_(torch.randn(e - ns, d, generator=gen))
+    return MoEFFN(
+        experts=weights, representatives=0.1 * torch.randn(e, s, generator=gen), b_out=torch.randn(d, generator=gen),
+        router=ExpertRouter(scorer, top_k=6 - ns), top_k=6, num_shared=ns, kernel=kernel,
+        compensation=torch.randn(d, generator=gen) if compensation else None,
+        lowrank=(torch.randn(3, d, generator=gen), torch.randn(d, 3, generator=gen)) if lowrank else None,
+    )
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 30])
+@pytest.mark.parametrize("compensation,lowrank", [(False, False), (True, False), (True, True)])
+def test_moe_layer_fast_path_equals_general_path(tokens: int, compensation: bool, lowrank: bool) -> None:
+    """The fused inference path (static term folded into the kernel, cached M) and the general path
+    (the reference kernel plus embedding_bag of the static vectors) give the same layer output,
+    routing and counters; in training mode gradients still reach the router."""
+    fast = _moe_layer(compensation=compensation, lowrank=lowrank).eval()
+    slow = copy.deepcopy(fast)
+    slow.kernel_name = "reference"
+    x = torch.randn(2, tokens, 40, generator=torch.Generator().manual_seed(tokens))
+    dispatch.clear_centred_choices()
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the cached M (and the recorded choice)
+            torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-4)
+    assert fast.last_routing is not None and slow.last_routing is not None
+    torch.testing.assert_close(fast.last_routing.idx, slow.last_routing.idx)
+    assert fast.experts_selected == slow.experts_selected == 2 * 2 * tokens * 6
+    with torch.no_grad():  # M follows the representatives after refresh_static()
+        fast.representatives.mul_(2.0), slow.representatives.mul_(2.0)
+        fast.refresh_static(), slow.refresh_static()
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-4)
+    fast.train()
+    assert fast.router is not None
+    for p in fast.router.parameters():
+        p.requires_grad_(True)
+    fast(x).square().sum().backward()
+    assert fast.router.scorer.net.weight.grad is not None and fast.router.scorer.net.weight.grad.abs().sum() > 0
+
+
+def test_profile_decode_reports_every_stage() -> None:
+    """`moefy bench --profile` on a tiny Llama whose FFNs are swapped for MoE layers (figures not checked)."""
+    dense = tiny_model("llama")
+    moe = copy.deepcopy(dense)
+    for i, block in enumerate(moe.model.layers):
+        mlp = block.mlp
+        ffn = FFNWeights(w_up=mlp.up_proj.weight.detach(), w_gate=mlp.gate_proj.weight.detach(),
+                         w_down=mlp.down_proj.weight.detach(), act=F.silu)
+        experts = ExpertWeights.from_ffn(ffn, torch.arange(ffn.d_ff), num_experts=16)
+        block.mlp = MoEFFN(experts=experts, representatives=torch.zeros(16, ffn.d_ff // 16), b_out=None,
+                           router=ExpertRouter(MLPRouter(ffn.d_model, 16, hidden=0), top_k=8), top_k=8)
+        del i
+    prompt = tiny_inputs(dense, batch=1, seq=5)["input_ids"]
+    r = profile_decode(dense, moe, prompt, new_tokens=4, repeats=1)
+    for key in ("dense_step_ms", "moe_step_ms", "dense_layer_us", "layer_router_us", "layer_select_us",
+                "layer_kernel_us", "layer_static_us", "layer_other_us", "layer_total_us"):
+        assert key in r, key
+    assert r["layers"] == 2 and r["layer_total_us"] > 0
+    assert all("with_shared" not in vars(m) for m in moe.modules())  # stage wrappers removed
