@@ -23,6 +23,7 @@ FFN; its runtime settings are restored afterwards.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from importlib import resources
@@ -57,12 +58,14 @@ def greedy_tokens(model: nn.Module, prompt_ids: Sequence[int], new_tokens: int =
     """Exactly `new_tokens` greedy tokens after `prompt_ids` (KV cache; EOS does not stop it)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], device=device)
+    # the KV cache argument is `cache` in newer transformers, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: list[int] = []
     past = None
     step = ids
     for _ in range(new_tokens):
-        res = model(input_ids=step, past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step, use_cache=True, **{key: past})
+        past = getattr(res, key)
         nxt = int(res.logits[0, -1].float().argmax())
         out.append(nxt)
         step = torch.tensor([[nxt]], device=device)
@@ -156,10 +159,34 @@ def generation_fidelity(
     }
 
 
+def print_report(result: dict, width: int = 60) -> None:
+    """The summary, one row per prompt, and the samples side by side (reference | output)."""
+    from moefy.cli.output import print_table
+
+    print(f"generation fidelity vs {result['reference']}:")
+    print_table([{k: v for k, v in result["summary"].items()}])
+    print()
+    print_table([{"prompt": r["id"], "kind": r["kind"], "identical": r["identical_share"],
+                  "first divergence": r["first_divergence"], "teacher-forced": r["teacher_forced_agreement"]}
+                 for r in result["per_prompt"]])
+    for s in result["samples"]:
+        print()
+        print(f"[{s['id']}] {_one_line(s['prompt'], width * 2)}")
+        print(f"  reference: {_one_line(s['reference'], width * 2)}")
+        print(f"  output:    {_one_line(s['output'], width * 2)}")
+
+
+def _one_line(text: str, width: int) -> str:
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _median(values: list[int]) -> float:
     s = sorted(values)
     mid = len(s) // 2
     return float(s[mid]) if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-__all__ = ["compare_tokens", "default_prompts", "generation_fidelity", "greedy_tokens", "teacher_forced_agreement"]
+__all__ = [
+    "compare_tokens", "default_prompts", "generation_fidelity", "greedy_tokens", "print_report", "teacher_forced_agreement",
+]

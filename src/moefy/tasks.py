@@ -385,6 +385,40 @@ def run_harness(
     return {"evaluator": "lm-evaluation-harness", "version": getattr(lm_eval, "__version__", "?"), "tasks": rows}
 
 
+# ---- the CLI's view -------------------------------------------------------------------------------
+def parse_task_list(value: str | None, *, harness: bool = False) -> list[str]:
+    """``--tasks a,b,c`` checked before any model loads: shipped names and .jsonl files for the
+    built-in evaluator; with the harness also any task the harness knows."""
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    if not names:
+        raise InvalidArgumentError(f"--tasks {value!r}: give task names separated by commas ({', '.join(available_tasks())})")
+    shipped = set(available_tasks())
+    for n in names:
+        key = n[len(TASK_PREFIX):] if n.startswith(TASK_PREFIX) else n
+        if key in shipped:
+            continue
+        if harness:
+            if n.endswith(".jsonl"):
+                raise InvalidArgumentError(f"--tasks {n!r}: a .jsonl file runs with the built-in evaluator, not --harness")
+            continue  # the harness's own task names are checked once it is imported
+        if not (n.endswith(".jsonl") and Path(n).is_file()):
+            raise InvalidArgumentError(
+                f"--tasks {n!r}: not a task moefy ships ({', '.join(sorted(shipped))}) nor a .jsonl file of examples"
+            )
+    return names
+
+
+def table_rows(result: dict) -> list[dict]:
+    """One printable row per task: accuracy with its 95% interval, sample count and chance."""
+
+    def ci(row: dict, key: str) -> str:
+        v = row.get(f"{key}_ci95")
+        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "-"
+
+    return [{"task": r["task"], "n": r.get("n"), "chance": r.get("chance"), "acc": r.get("acc"), "acc 95% CI": ci(r, "acc"),
+             "acc_norm": r.get("acc_norm"), "acc_norm 95% CI": ci(r, "acc_norm")} for r in result["tasks"]]
+
+
 # ---- BIG-bench --------------------------------------------------------------------------------------
 def bigbench_examples(task_json: str | Path, *, input_prefix: str = "Q: ", output_prefix: str = "\nA:") -> list[MCExample]:
     """Multiple-choice examples from a BIG-bench ``task.json`` (``target_scores``; the gold choice is
@@ -405,6 +439,6 @@ def bigbench_examples(task_json: str | Path, *, input_prefix: str = "Q: ", outpu
 
 __all__ = [
     "MCExample", "MCTask", "available_tasks", "bigbench_examples", "encode_pair", "evaluate_task", "evaluate_tasks",
-    "harness_available", "harness_task_yaml", "load_task", "loglikelihoods", "predictions", "read_jsonl",
-    "run_harness", "wilson_interval",
+    "harness_available", "harness_task_yaml", "load_task", "loglikelihoods", "parse_task_list", "predictions",
+    "read_jsonl", "run_harness", "table_rows", "wilson_interval",
 ]

@@ -43,6 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     LMs, embedding fidelity and retrieval accuracy for encoders. Runtime flags (--top-k, --budget,
     --tau, --selection, --kernel) change how a converted model runs, without re-converting."""
     _check_text_flags(args)
+    task_names = _check_task_flags(args)
     changes = runtime_changes(args)
     converted_folder = (Path(args.model) / "moefy.json").is_file()
     if (changes or args.base) and not converted_folder:
@@ -58,13 +59,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = load(args.model, base=args.base, dtype=args.dtype)
     if isinstance(target, MoEModel) and changes:
         target.configure(**changes)
-    results = evaluate_model(target, text_files=args.text, seq_len=args.seq_len, max_sequences=args.max_sequences, progress=True)
-    print_table(results["splits"])
+    results: dict = {"model": args.model}
+    if args.perplexity or not (task_names or args.generation):
+        results = evaluate_model(target, text_files=args.text, seq_len=args.seq_len, max_sequences=args.max_sequences, progress=True)
+        print_table(results["splits"])
     if "ffn_flops_fraction" in results:
         print(f"FFN FLOPs: {results['ffn_flops_fraction']:.3f} of dense (router included, measured k)")
+    _run_tasks_and_generation(args, target, task_names, results)
     if args.json:
         write_json(args.json, results)
     return 0
+
+
+def _check_task_flags(args: argparse.Namespace) -> list[str]:
+    """--tasks / --harness / --limit / --generation / --new-tokens, checked before any model loads."""
+    from moefy.errors import InvalidArgumentError
+
+    if args.limit is not None:
+        _positive("--limit", args.limit)
+    _positive("--new-tokens", args.new_tokens)
+    if args.harness and not args.tasks:
+        raise InvalidArgumentError("--harness runs lm-evaluation-harness on --tasks; give --tasks a,b,...")
+    if args.tasks is None:
+        return []
+    from moefy.tasks import harness_available, parse_task_list
+
+    if args.harness and not harness_available():
+        from moefy.errors import MissingDependencyError
+
+        raise MissingDependencyError("lm-eval", "--harness (lm-evaluation-harness)", extra="eval")
+    return parse_task_list(args.tasks, harness=args.harness)
+
+
+def _run_tasks_and_generation(args: argparse.Namespace, target, task_names: list[str], results: dict) -> None:
+    """Zero-shot multiple-choice tasks (built-in evaluator or the harness) and generation fidelity."""
+    if task_names:
+        from moefy import tasks
+
+        run = tasks.run_harness if args.harness else tasks.evaluate_tasks
+        results["tasks"] = run(target, task_names, limit=args.limit)
+        print(f"zero-shot multiple choice ({results['tasks']['evaluator']}; 95% Wilson intervals):")
+        print_table(tasks.table_rows(results["tasks"]))
+    if args.generation:
+        from moefy.generation import generation_fidelity, print_report
+
+        results["generation"] = generation_fidelity(target, new_tokens=args.new_tokens, progress=True)
+        print_report(results["generation"])
 
 
 def _add_text_flags(s: argparse.ArgumentParser, text_help: str, max_sequences: int) -> None:
@@ -88,6 +128,16 @@ def add_eval(s: argparse.ArgumentParser) -> None:
     s.add_argument("--base", metavar="MODEL", help="converted folder: load it onto this base model (it moved)")
     add_dtype(s)
     add_settings(s, RuntimeConfig, "runtime settings (converted folders)")
+    g = s.add_argument_group("downstream tasks and generation (causal LMs; these replace perplexity unless --perplexity)")
+    g.add_argument("--tasks", metavar="A,B", help="zero-shot multiple-choice tasks: names moefy ships (see its README), "
+                   ".jsonl files, or with --harness any lm-evaluation-harness task")
+    g.add_argument("--harness", action="store_true", help="run --tasks with lm-evaluation-harness (pip install 'moefy[eval]')")
+    g.add_argument("--limit", type=int, metavar="N", help="first N examples per task (default: all)")
+    g.add_argument("--generation", action="store_true",
+                   help="generation fidelity: greedy continuations vs the dense model (every expert selected)")
+    g.add_argument("--new-tokens", type=int, default=32, metavar="N", help="greedy tokens per prompt (default: 32)")
+    g.add_argument("--perplexity", action="store_true", help="also the held-out perplexity with --tasks/--generation")
+
 
 
 # ---- stats --------------------------------------------------------------------------------------
