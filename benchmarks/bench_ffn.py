@@ -13,26 +13,14 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from moefy.bench import bench_ffn_layer
+from moefy.bench import bench_ffn_layer, cpu_name, read_bandwidth_gbps
 
 SIZES = {"576x1536": (576, 1536), "2048x5632": (2048, 5632), "4096x11008": (4096, 11008)}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
+    bandwidth = read_bandwidth_gbps(clock=args.clock)
+    print(f"{cpu_name()}, {torch.get_num_threads()} thread(s), {args.dtype}; read bandwidth {bandwidth:.1f} GB/s\n")
     records = []
     for size in args.sizes:
         d, h = SIZES[size]
@@ -67,18 +57,20 @@ def main(argv: list[str] | None = None) -> int:
                     repeats = args.repeats or (21 if tokens <= 8 else 5)
                     records.append(bench_ffn_layer(
                         d, h, num_experts, num_experts // f, tokens, dtype=dtype, repeats=repeats,
-                        kernel=args.kernel, cold_weights=not args.warm, clock=args.clock,
+                        kernel=args.kernel, cold_weights=not args.warm, clock=args.clock, bandwidth_gbps=bandwidth,
                     ))
 
-    print("| d x h | tokens | experts | k/n | dense ms | MoE ms | speedup | ideal | vs k=n | GB/s dense / MoE |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| d x h | tokens | experts | k/n | dense ms | MoE ms | speedup | ideal | k=n vs dense | GB/s dense / MoE "
+          "| roofline dense / MoE |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
+        roof = f"{r['dense_roofline']:.2f} / {r['moe_roofline']:.2f}" if r["tokens"] == 1 else "-"
         print(f"| {r['d']}x{r['h']} | {r['tokens']} | {r['num_experts']} | {r['top_k']}/{r['num_experts']} "
               f"| {r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['ideal']:.0f}x "
-              f"| {r['speedup_vs_all']:.2f}x | {r['dense_gbps']:.1f} / {r['moe_gbps']:.1f} |")
+              f"| {r['all_vs_dense']:.2f}x | {r['dense_gbps']:.1f} / {r['moe_gbps']:.1f} | {roof} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": _cpu_name(), "cpus": os.cpu_count(),
+        meta = {"machine": cpu_name(), "cpus": os.cpu_count(), "bandwidth_gbps": bandwidth,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "argv": sys.argv[1:]}
         args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=2))
     return 0

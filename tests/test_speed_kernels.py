@@ -18,8 +18,7 @@ from torch import Tensor
 from moefy.bench_model import profile_decode
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import FFNWeights
-from moefy.kernels import ExpertWeights, get_kernel, reference_expert_ffn
-from moefy.kernels import dispatch
+from moefy.kernels import ExpertWeights, dispatch, get_kernel, reference_expert_ffn
 from moefy.kernels.cpu_ext import available_isas, cpu_ops, forced_isa
 from moefy.kernels.dispatch import centred_expert_ffn, dense_centred_expert_ffn
 from moefy.moe_ffn import MoEFFN
@@ -185,4 +184,4 @@ def test_profile_decode_reports_every_stage() -> None:
                 "layer_kernel_us", "layer_static_us", "layer_other_us", "layer_total_us"):
         assert key in r, key
     assert r["layers"] == 2 and r["layer_total_us"] > 0
-    assert all("with_shared" not in vars(m) for m in moe.modules())  # stage wrappers removed
+    assert all("_join_shared" not in vars(m) for m in moe.modules())  # stage wrappers removed

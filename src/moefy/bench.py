@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -65,6 +66,35 @@ def random_routing(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> 
     return top.indices, torch.softmax(top.values, dim=1)
 
 
+def cpu_name() -> str:
+    """The CPU model (`model name` of /proc/cpuinfo), for every table of figures."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth_gbps(mib: int = 256, repeats: int = 7, clock: str = "wall") -> float:
+    """The machine's read bandwidth with the current thread count, GB/s: the median rate of
+    summing a `mib` MiB fp32 tensor (two copies alternated, each larger than any cache we run on).
+    The roofline a memory-bound kernel is judged against: bytes it must read / time / this."""
+    timer = {"wall": time.perf_counter, "cpu": time.thread_time}[clock]
+    n = mib * 2**20 // 4
+    bufs = [torch.ones(n), torch.ones(n)]
+    times = []
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            start = timer()
+            bufs[r % 2].sum()
+            if r:  # the first pass warms the pages
+                times.append(timer() - start)
+    return 4 * n / statistics.median(times) / 1e9
+
+
 def _time(fn: Callable[[], Tensor], clock: Callable[[], float]) -> float:
     """Seconds one call of fn takes by `clock`."""
     start = clock()
@@ -85,12 +115,15 @@ def bench_ffn_layer(
     cold_weights: bool = True,
     clock: str = "wall",
     seed: int = 0,
+    bandwidth_gbps: float | None = None,
 ) -> dict[str, Any]:
     """Median latency of one dense gated FFN layer and of its MoE conversion (top_k of num_experts).
 
     Returns a dict: the configuration, `dense_ms`, `moe_ms` and `moe_all_ms` (medians), `speedup`
     (dense_ms / moe_ms), `ideal` (num_experts / top_k), `efficiency` (speedup / ideal),
-    `speedup_vs_all` (moe_all_ms / moe_ms) and `dense_gbps` / `moe_gbps` (weight bytes read per second).
+    `speedup_vs_all` (moe_all_ms / moe_ms) and `dense_gbps` / `moe_gbps` (weight bytes read per second);
+    with `bandwidth_gbps` (`read_bandwidth_gbps()`), `dense_roofline` / `moe_roofline`: those rates as
+    fractions of the machine's read bandwidth (1.0: the kernel runs at memory speed).
     """
     if h % num_experts != 0:
         raise InvalidArgumentError(f"num_experts={num_experts} must divide h={h}")
@@ -152,7 +185,12 @@ def bench_ffn_layer(
         "speedup": dense_ms / moe_ms, "ideal": num_experts / top_k,
         "efficiency": dense_ms / moe_ms / (num_experts / top_k), "speedup_vs_all": moe_all_ms / moe_ms,
         "dense_gbps": weight_bytes / dense_ms / 1e6, "moe_gbps": active * weight_bytes / moe_ms / 1e6,
+        "moe_all_gbps": weight_bytes / moe_all_ms / 1e6, "all_vs_dense": dense_ms / moe_all_ms,
     }
+    if bandwidth_gbps:
+        result["bandwidth_gbps"] = bandwidth_gbps
+        for side in ("dense", "moe", "moe_all"):
+            result[f"{side}_roofline"] = result[f"{side}_gbps"] / bandwidth_gbps
     log.info(
         "d=%d h=%d E=%d k=%d T=%d %s: dense %.3f ms, moe %.3f ms, speedup %.2fx (ideal %.1fx)",
         d, h, num_experts, top_k, tokens, result["dtype"], dense_ms, moe_ms, result["speedup"], result["ideal"],

@@ -146,8 +146,9 @@ class _StageClock:
         ]
         for layer in self.layers:
             self._hooks(layer, "layer")
-            if getattr(layer, "router", None) is not None:
-                self._hooks(layer.router, "router")
+            router = getattr(layer, "router", None)
+            if isinstance(router, nn.Module):
+                self._hooks(router, "router")
             for method, stage in _WRAPPED:
                 self._wrap(layer, method, stage)
         for ffn in self.ffns:
@@ -163,7 +164,7 @@ class _StageClock:
 
 
 # MoEFFN methods timed as stages (the router is timed by hooks)
-_WRAPPED = (("with_shared", "select"), ("_centred_experts", "kernel"), ("_static_total", "static"),
+_WRAPPED = (("_join_shared", "select"), ("_centred_experts", "kernel"), ("_static_total", "static"),
             ("add_compensation", "static"))
 
 
@@ -193,7 +194,8 @@ def profile_decode(
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
     samples: dict[str, list[float]] = {}
-    run(dense), run(moe)  # warm-up
+    run(dense)  # warm-up
+    run(moe)
     for r in range(repeats):
         for which in ("dense", "moe") if r % 2 == 0 else ("moe", "dense"):
             is_moe = which == "moe"

@@ -164,9 +164,24 @@ class MoEFFN(nn.Module):
 
     def with_shared(self, routed_idx: Tensor) -> Tensor:
         """Routed-expert ids (T, K − ns), -1 = empty slot -> layer expert ids (T, K), shared first."""
+        return self._join_shared(routed_idx, no_empty=False)
+
+    def _join_shared(self, routed_idx: Tensor, *, no_empty: bool) -> Tensor:
+        """with_shared; `no_empty`: the caller knows routed_idx holds no -1 (fewer small ops)."""
         ns = self.num_shared
-        shared = torch.arange(ns, device=routed_idx.device).expand(routed_idx.shape[0], ns)
-        return torch.cat([shared, torch.where(routed_idx >= 0, routed_idx + ns, routed_idx)], dim=1)
+        routed = routed_idx + ns if no_empty else torch.where(routed_idx >= 0, routed_idx + ns, routed_idx)
+        if ns == 0:
+            return routed
+        shared = self.__dict__.get("_shared_ids")  # (1, ns) cached
+        if shared is None or shared.device != routed_idx.device or shared.shape[1] != ns:
+            shared = self.__dict__["_shared_ids"] = torch.arange(ns, device=routed_idx.device).unsqueeze(0)
+        return torch.cat([shared.expand(routed_idx.shape[0], ns), routed], dim=1)
+
+    def _fixed_k(self) -> bool:
+        """Every selection slot is used (no -1): fixed k with a top-k selection (no τ anywhere)."""
+        if self.tau is not None:
+            return False
+        return self.selection != "router" or (isinstance(self.router, ExpertRouter) and self.router.tau is None)
 
     def select(self, x: Tensor) -> Tensor:
         """Selected experts per token: (T, K) int64, shared experts first, -1 = empty slot."""
@@ -198,16 +213,18 @@ class MoEFFN(nn.Module):
                 self.experts_selected += x2.shape[0] * self.num_experts
             return self.dense_forward(x2).reshape(shape)
         scale = None  # (T, K) the router's straight-through gates while training, else none (= 1)
+        fixed_k = self._fixed_k()
         if self.selection == "router":
             assert self.router is not None
             routing = self.last_routing = self.router(x2)
-            idx = self.with_shared(routing.idx)  # (T, K)
+            idx = self._join_shared(routing.idx, no_empty=fixed_k)  # (T, K)
             if routing.weights.requires_grad:
                 scale = torch.cat([routing.weights.new_ones(x2.shape[0], self.num_shared), routing.weights], dim=1)
         else:
             idx = self.select(x2)  # (T, K)
-        # inference on CPU: Σ_{e∈S} (v_e − m_e) in one fused kernel call (activations centred on r)
-        y = None if scale is not None else self._centred_experts(x2, idx)  # (T, D)
+        total = self._static_total()  # (D,) M + b_out
+        # inference on CPU: M + b_out + Σ_{e∈S} (v_e − m_e) in one fused kernel call (activations centred on r)
+        y = None if scale is not None else self._centred_experts(x2, idx, total)  # (T, D)
         if y is None:  # general path (gradients, other kernels or devices)
             y = get_kernel(self.kernel_name)(x2, self.expert_weights, idx, scale)  # (T, D) Σ g_e v_e
             static = self.static_vectors()  # (E, D)
@@ -215,29 +232,33 @@ class MoEFFN(nn.Module):
             weight = valid if scale is None else valid * scale.to(static.dtype)
             # Σ_{e∈S} g_e m_e: (T, D), reading k rows of m per token (no (T, K, D) intermediate)
             chosen = nn.functional.embedding_bag(idx.clamp_min(0), static, per_sample_weights=weight, mode="sum")
-            y = y - chosen
-        y = self.add_compensation(x2, y + self._static_total())
-        if self.b_out is not None:
-            y = y + self.b_out
+            y = y - chosen + total
+        y = self.add_compensation(x2, y)
         if not self.training:  # count what inference computes
             self.tokens_seen += x2.shape[0]
-            self.experts_selected += int((idx >= 0).sum())
+            self.experts_selected += idx.numel() if fixed_k else int((idx >= 0).sum())
         return y.reshape(shape)
 
-    def _centred_experts(self, x2: Tensor, idx: Tensor) -> Tensor | None:
-        """Σ_{e∈S} (a_e(x) − r_e) W_out[e] = Σ_{e∈S} (v_e − m_e) by the fused C++ kernel, or None where
-        it does not apply (gradients, a kernel other than auto/cpu, other devices or dtypes)."""
+    def _centred_experts(self, x2: Tensor, idx: Tensor, total: Tensor) -> Tensor | None:
+        """total + Σ_{e∈S} (a_e(x) − r_e) W_out[e] = total + Σ_{e∈S} (v_e − m_e) by the fused C++
+        kernel, or None where it does not apply (gradients, a kernel other than auto/cpu, other
+        devices or dtypes)."""
         if self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad:
             return None
-        return centred_expert_ffn(x2, self.expert_weights, idx, self.representatives)
+        return centred_expert_ffn(x2, self.expert_weights, idx, self.representatives, out_init=total)
 
     def _static_total(self) -> Tensor:
-        """M = Σ_e m_e (D,): cached with the static vectors it sums (live while r is trained)."""
-        static = self.static_vectors()
-        if static.requires_grad:
-            return static.sum(0)
-        version = None if static.is_inference() else static._version  # (inference tensors keep none)
+        """M + b_out = Σ_e m_e + b_out (D,): cached with the tensors it sums (live while r or b_out train)."""
+        static, b_out = self.static_vectors(), self.b_out
+        if static.requires_grad or (b_out is not None and b_out.requires_grad):
+            return static.sum(0) if b_out is None else static.sum(0) + b_out
+        key = [(t, None if t.is_inference() else t._version) for t in (static, b_out) if t is not None]
+        key.append((None, torch.is_inference_mode_enabled()))  # an inference-mode sum serves inference only
         cached = self.__dict__.get("_static_total_cache")
-        if cached is None or cached[0] is not static or cached[1] != version:
-            cached = self.__dict__["_static_total_cache"] = (static, version, static.sum(0))
-        return cached[2]
+        if (
+            cached is None or len(cached[0]) != len(key)
+            or any(a is not b or u != v for (a, u), (b, v) in zip(cached[0], key, strict=True))
+        ):
+            total = static.sum(0) if b_out is None else static.sum(0) + b_out
+            cached = self.__dict__["_static_total_cache"] = (key, total)
+        return cached[1]

@@ -25,31 +25,44 @@ LAYER_SHAPES = ((576, 1536), (2048, 5632), (4096, 11008))
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Speed, dense vs MoE, measured in one run (interleaved, medians over repeats, as ratios):
-    FFN-layer latency for gated layers with random weights at batch 1 and 256 tokens, and, with
-    --model CKPT, end-to-end greedy decoding tokens/s and prefill time of a converted model
-    against its dense base."""
+    FFN-layer latency for gated layers with random weights at batch 1 and 256 tokens, with the
+    machine's read bandwidth and each side's roofline fraction, and, with --model CKPT, end-to-end
+    greedy decoding tokens/s and prefill time of a converted model against its dense base (with
+    --profile, a per-layer breakdown of a decode step)."""
     _check(args)
     changes = runtime_changes(args)
     if changes and not args.model:
         raise InvalidArgumentError("--top-k/--budget/--selection/--kernel need --model CKPT")
+    if args.profile and not args.model:
+        raise InvalidArgumentError("--profile needs --model CKPT")
     import torch
 
-    from moefy.bench import bench_ffn_layer
+    from moefy.bench import bench_ffn_layer, cpu_name, read_bandwidth_gbps
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"threads": torch.get_num_threads(), "layers": []}
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        raise InvalidArgumentError(f"--clock cpu needs --threads 1 (now {torch.get_num_threads()} threads)")
+    results: dict = {"threads": torch.get_num_threads(), "cpu": cpu_name(), "layers": []}
     shapes = LAYER_SHAPES[:1] if args.quick else LAYER_SHAPES
+    dtype = getattr(torch, args.dtype)
+    print(f"CPU: {results['cpu']}, {torch.get_num_threads()} thread(s), {args.dtype}")
     if not args.no_layers:
-        print(f"{'d':>5} {'h':>6} {'E':>4} {'k':>4} {'T':>4} {'dense ms':>9} {'moe ms':>8} {'speedup':>8} {'ideal':>6}")
+        bandwidth = results["bandwidth_gbps"] = read_bandwidth_gbps(clock=args.clock)
+        print(f"read bandwidth (256 MiB sum): {bandwidth:.1f} GB/s; roofline = weight bytes read / time / that")
+        print(f"{'d':>5} {'h':>6} {'E':>4} {'k':>4} {'T':>4} {'dense ms':>9} {'moe ms':>8} {'speedup':>8} {'ideal':>6} "
+              f"{'k=n/dense':>9} {'roofline dense/moe':>18}")
         for d, h in shapes:
             for experts in (64, 256):
                 for frac in (8, 4, 2):
                     for tokens in (1, 256):
-                        r = bench_ffn_layer(d, h, experts, experts // frac, tokens, repeats=args.repeats)
+                        r = bench_ffn_layer(d, h, experts, experts // frac, tokens, dtype=dtype, repeats=args.repeats,
+                                            clock=args.clock, bandwidth_gbps=bandwidth)
                         results["layers"].append(r)
+                        roof = f"{r['dense_roofline']:.2f} / {r['moe_roofline']:.2f}" if tokens == 1 else "-"
                         print(f"{d:>5} {h:>6} {experts:>4} {experts // frac:>4} {tokens:>4} {r['dense_ms']:>9.3f} "
-                              f"{r['moe_ms']:>8.3f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x", flush=True)
+                              f"{r['moe_ms']:>8.3f} {r['speedup']:>7.2f}x {r['ideal']:>5.1f}x "
+                              f"{r['all_vs_dense']:>8.2f}x {roof:>18}", flush=True)
     if args.model:
         from moefy.bench_model import bench_models
         from moefy.models import load_model
@@ -59,8 +72,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         converted = MoEModel.from_pretrained(args.model, base=args.base).configure(**changes)
         dense = load_model(converted.loaded.source)
         batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, 256, 4)
-        e2e = bench_models(dense.model, converted.model, batch.input_ids[:1, :32], batch.input_ids,
-                           new_tokens=args.new_tokens, repeats=args.repeats)
+        prompt = batch.input_ids[:1, :32]
+        if args.profile:
+            from moefy.bench_model import PROFILE_STAGES, profile_decode
+
+            prof = results["profile"] = profile_decode(dense.model, converted.model, prompt,
+                                                       new_tokens=args.new_tokens, repeats=args.repeats,
+                                                       clock=args.clock)
+            print(f"decode step ({prof['layers']} layers, {args.clock} clock): dense {prof['dense_step_ms']:.2f} ms "
+                  f"(FFN {prof['dense_ffn_ms']:.2f}, rest {prof['dense_rest_ms']:.2f}); MoE {prof['moe_step_ms']:.2f} ms "
+                  f"(FFN {prof['moe_ffn_ms']:.2f}, rest {prof['moe_rest_ms']:.2f})")
+            stages = ", ".join(f"{s} {prof[f'layer_{s}_us']:.0f}" for s in PROFILE_STAGES)
+            print(f"per layer, us: dense FFN {prof['dense_layer_us']:.0f}; MoE {prof['layer_total_us']:.0f} = {stages}")
+        e2e = bench_models(dense.model, converted.model, prompt, batch.input_ids,
+                           new_tokens=args.new_tokens, repeats=args.repeats, clock=args.clock)
         results["end_to_end"] = e2e
         print(f"decode: dense {e2e['dense_decode_tok_s']:.1f} tok/s, MoE {e2e['moe_decode_tok_s']:.1f} tok/s "
               f"({e2e['decode_speedup']:.2f}x); prefill 4x256: dense {e2e['dense_prefill_ms']:.0f} ms, "
@@ -78,6 +103,11 @@ def add_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int, default=10, metavar="N", help="timed repeats per configuration, median (default: 10)")
     s.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens to decode end to end (default: 32)")
     s.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: 0, torch's own)")
+    s.add_argument("--profile", action="store_true",
+                   help="with --model: also break a decode step down per layer (router, select, kernel, static, other)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="layer benchmark weights (default: float32)")
+    s.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: the thread's CPU time, robust on a shared machine (needs --threads 1)")
     s.add_argument("--json", metavar="PATH", help="write all results as JSON")
     add_settings(s, RuntimeConfig, "runtime settings of --model")
 

@@ -154,29 +154,32 @@ def cpu_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, scale: Tensor
     return out.to(x.dtype)
 
 
-def centred_kernel_applies(x: Tensor, weights: ExpertWeights, centre: Tensor) -> bool:
+def centred_kernel_applies(x: Tensor, weights: ExpertWeights, centre: Tensor, out_init: Tensor | None = None) -> bool:
     """Whether `cpu_centred_expert_ffn` runs here: CPU tensors, fp32/bf16 weights, a recognised
     activation, no gradients needed, and the C++ library built."""
     w_in, w_out = weights.w_in, weights.w_out
     return (
         x.device.type == "cpu" and w_in.device.type == "cpu" and w_in.dtype in CPU_DTYPES
-        and w_out.dtype == w_in.dtype and not _needs_grad(x, w_in, w_out, weights.b_in, centre)
+        and w_out.dtype == w_in.dtype and not _needs_grad(x, w_in, w_out, weights.b_in, centre, out_init)
         and cpu_ops() is not None and activation_code(weights.act) != 0
     )
 
 
-def cpu_centred_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor) -> Tensor | None:
-    """Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] in one C++ call (inference: no gradients), the
-    MoE layer's v_e − m_e with the representatives as `centre` (E, S). None where the fused C++
-    kernel does not apply (`centred_kernel_applies`): the caller then takes its general path."""
-    if not centred_kernel_applies(x, weights, centre):
+def cpu_centred_expert_ffn(
+    x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor, out_init: Tensor | None = None
+) -> Tensor | None:
+    """out_init + Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] in one C++ call (inference: no
+    gradients): the MoE layer's M + Σ (v_e − m_e) with the representatives as `centre` (E, S) and
+    M (D,) as `out_init` (None: 0). None where the fused C++ kernel does not apply
+    (`centred_kernel_applies`): the caller then takes its general path."""
+    if not centred_kernel_applies(x, weights, centre, out_init):
         return None
     check_inputs(x, weights, idx, None)
     b_in = weights.b_in
     try:
         return _ops().fused_expert_ffn(
             x, weights.w_in.contiguous(), None if b_in is None else b_in.contiguous(), weights.w_out.contiguous(),
-            idx, None, activation_code(weights.act), weights.gated, centre,
+            idx, None, activation_code(weights.act), weights.gated, centre, out_init,
         )
     except RuntimeError as err:
         if "out of range" in str(err):

@@ -44,15 +44,18 @@ CENTRED_MODES = ("auto", "sparse", "dense")
 _choices: dict[tuple[object, ...], str] = {}
 
 
-def dense_centred_expert_ffn(x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor) -> Tensor:
-    """Σ_{e∈S(t)} (a_e(x_t) − centre[e]) W_out[e] by two dense GEMMs over all E experts: the
+def dense_centred_expert_ffn(
+    x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor, out_init: Tensor | None = None
+) -> Tensor:
+    """out_init + Σ_{e∈S(t)} (a_e(x_t) − centre[e]) W_out[e] by two dense GEMMs over all E experts: the
     unselected (token, expert) blocks of the centred activations are zeroed before the down
     projection. Full FLOPs; the batched fallback where the selected experts cover most of the layer."""
     t, e, s, d = x.shape[0], weights.num_experts, weights.expert_size, weights.d_model
     valid = (idx >= 0).to(x.dtype)  # (T, K)
     mask = x.new_zeros(t, e).scatter_add_(1, idx.clamp_min(0), valid)  # (T, E) 1 where selected
     u = (weights.all_activations(x) - centre.to(x.dtype)) * mask.unsqueeze(2)  # (T, E, S)
-    return u.reshape(t, e * s) @ weights.w_out.reshape(e * s, d)  # (T, D)
+    y = u.reshape(t, e * s) @ weights.w_out.reshape(e * s, d)  # (T, D)
+    return y if out_init is None else y + out_init.to(y.dtype)
 
 
 def _timed(fn: Callable[[], Tensor | None]) -> tuple[float, Tensor | None]:
@@ -62,10 +65,11 @@ def _timed(fn: Callable[[], Tensor | None]) -> tuple[float, Tensor | None]:
 
 
 def centred_expert_ffn(
-    x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor, mode: str = "auto"
+    x: Tensor, weights: ExpertWeights, idx: Tensor, centre: Tensor, mode: str = "auto",
+    out_init: Tensor | None = None,
 ) -> Tensor | None:
-    """Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] for inference on the CPU (no gradients), or
-    None where the fused C++ kernel does not apply (the caller takes its general path).
+    """out_init + Σ_j (a_{idx[t, j]}(x_t) − centre[e]) W_out[e] for inference on the CPU (no
+    gradients), or None where the fused C++ kernel does not apply (the caller takes its general path).
 
     mode "sparse": the block-sparse C++ kernel; "dense": `dense_centred_expert_ffn`; "auto": the
     sparse kernel up to DECODE_MAX_TOKENS tokens, else whichever of the two was faster the first
@@ -75,18 +79,18 @@ def centred_expert_ffn(
         raise InvalidArgumentError(f"mode={mode!r}; valid: {', '.join(CENTRED_MODES)}")
     t = x.shape[0]
     if mode == "sparse" or (mode == "auto" and t <= DECODE_MAX_TOKENS):
-        return cpu_centred_expert_ffn(x, weights, idx, centre)
-    if not centred_kernel_applies(x, weights, centre):
+        return cpu_centred_expert_ffn(x, weights, idx, centre, out_init)
+    if not centred_kernel_applies(x, weights, centre, out_init):
         return None
     if mode == "dense":
-        return dense_centred_expert_ffn(x, weights, idx, centre)
+        return dense_centred_expert_ffn(x, weights, idx, centre, out_init)
     key = (1 << max(t - 1, 0).bit_length(), *weights.w_out.shape, idx.shape[1], x.dtype, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
         # first use: run both twice, alternating, keep the faster (their outputs agree to rounding)
         runs = {
-            "sparse": lambda: cpu_centred_expert_ffn(x, weights, idx, centre),
-            "dense": lambda: dense_centred_expert_ffn(x, weights, idx, centre),
+            "sparse": lambda: cpu_centred_expert_ffn(x, weights, idx, centre, out_init),
+            "dense": lambda: dense_centred_expert_ffn(x, weights, idx, centre, out_init),
         }
         best: dict[str, float] = {}
         out = None
@@ -98,8 +102,8 @@ def centred_expert_ffn(
                   1e3 * best["dense"], choice)
         return out
     if choice == "dense":
-        return dense_centred_expert_ffn(x, weights, idx, centre)
-    return cpu_centred_expert_ffn(x, weights, idx, centre)
+        return dense_centred_expert_ffn(x, weights, idx, centre, out_init)
+    return cpu_centred_expert_ffn(x, weights, idx, centre, out_init)
 
 
 def clear_centred_choices() -> None:

@@ -11,7 +11,8 @@
 //   grouped_out       out[t, :]    = Σ_slots Σ_s a[slot, s] W[e, s, :]   few tokens: rows split over threads;
 //                                                                       many: columns split, 6-token tiles
 //   grouped_wgrad     dW[e]        = Σ_slots g[slot, :] ⊗ x[t, :]       weight gradient
-//   fused_expert_ffn  grouped_in → act(gate) ⊙ up · scale → grouped_out, one call (known activations)
+//   fused_expert_ffn  grouped_in → (act(gate) ⊙ up − centre) · scale → grouped_out (+ out_init), one call
+//                     (known activations; centre = the representatives folds in the static term)
 //
 // The backward pass needs no other primitive: d x of grouped_in is grouped_out with the same
 // weight, d a of grouped_out is grouped_in with the same weight, and both weight gradients are
@@ -606,9 +607,14 @@ void grouped_out_cols_bf16(const bf16* a, const bf16* w, const Groups& g, int64_
 
 constexpr int64_t FEW_TOKENS = 8;
 
-at::Tensor grouped_out_impl(const at::Tensor& a_in, const at::Tensor& w, const Groups& g, int64_t tokens) {
+// out (T, D) starts as zeros, or as `init` (D,) on every row
+at::Tensor grouped_out_impl(const at::Tensor& a_in, const at::Tensor& w, const Groups& g, int64_t tokens,
+                            const float* init = nullptr) {
   const int64_t E = w.size(0), S = w.size(1), D = w.size(2);
-  at::Tensor out = at::zeros({tokens, D}, a_in.options().dtype(at::kFloat));
+  at::Tensor out = init ? at::empty({tokens, D}, a_in.options().dtype(at::kFloat))
+                        : at::zeros({tokens, D}, a_in.options().dtype(at::kFloat));
+  if (init)
+    for (int64_t t = 0; t < tokens; ++t) std::copy(init, init + D, out.data_ptr<float>() + t * D);
   float* o = out.data_ptr<float>();
   const bool few = tokens <= FEW_TOKENS;
 #if MOEFY_BF16_DOT
@@ -796,7 +802,8 @@ void activate_slots(const float* pre, const int64_t* slots, int64_t n, const flo
 
 at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
                             const at::Tensor& w_out, const at::Tensor& idx, const std::optional<at::Tensor>& scale,
-                            int64_t act, bool gated, const std::optional<at::Tensor>& centre) {
+                            int64_t act, bool gated, const std::optional<at::Tensor>& centre,
+                            const std::optional<at::Tensor>& out_init) {
   check_weight(w_out, "w_out");
   const int64_t E = w_out.size(0), S = w_out.size(1), D = w_out.size(2);
   const int64_t T = idx.size(0), K = idx.size(1);
@@ -834,7 +841,12 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   std::vector<int64_t> rows(static_cast<size_t>(n));
   for (int64_t q = 0; q < n; ++q) rows[q] = q;
   g.arows = rows.data();
-  at::Tensor out = grouped_out_impl(a, w_out, g, T);
+  at::Tensor init;
+  if (out_init.has_value() && out_init->defined()) {
+    init = as_f32(*out_init);
+    TORCH_CHECK(init.numel() == D, "out_init must be (D,) = (", D, ",)");
+  }
+  at::Tensor out = grouped_out_impl(a, w_out, g, T, init.defined() ? init.data_ptr<float>() : nullptr);
   return out.to(x.scalar_type());
 }
 
@@ -851,7 +863,7 @@ TORCH_LIBRARY(MOEFY_LIB, m) {
   m.def("grouped_wgrad(Tensor g, Tensor x, Tensor offsets, Tensor slots, int k, int num_experts) -> Tensor");
   m.def(
       "fused_expert_ffn(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, Tensor idx, Tensor? scale, int act, "
-      "bool gated, Tensor? centre=None) -> Tensor");
+      "bool gated, Tensor? centre=None, Tensor? out_init=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
