@@ -252,7 +252,9 @@ class MoEFFN(nn.Module):
         static, b_out = self.static_vectors(), self.b_out
         if static.requires_grad or (b_out is not None and b_out.requires_grad):
             return static.sum(0) if b_out is None else static.sum(0) + b_out
-        key = [(t, None if t.is_inference() else t._version) for t in (static, b_out) if t is not None]
+        key: list[tuple[Tensor | None, object]] = [
+            (t, None if t.is_inference() else t._version) for t in (static, b_out) if t is not None
+        ]
         key.append((None, torch.is_inference_mode_enabled()))  # an inference-mode sum serves inference only
         cached = self.__dict__.get("_static_total_cache")
         if (
