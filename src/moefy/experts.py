@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 _WARMUP_STEPS = 3  # unconstrained Lloyd steps before the balanced ones
 _EPS_FIRST = (1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
-_EPS_WARM = (1e-2, 1e-3)  # ... warm-started from the previous iteration's prices
+_EPS_WARM = (1e-3,)  # ... warm-started from the previous iteration's prices
 _SEQUENTIAL_TAIL = 512  # the auction's last bidders go one at a time
-_MIN_GAIN = 1e-4  # a balanced iteration that lowers the objective by less (relative) is stale...
+_MIN_GAIN = {"lloyd": 1e-4, "hartigan": 5e-4}  # an iteration that gains less (relative) is stale...
 _PATIENCE = {"lloyd": 1, "hartigan": 2}  # ... and this many stale ones in a row end the stage
 
 @dataclass
@@ -139,6 +139,12 @@ def balanced_objective(features: Tensor, labels: Tensor, num_clusters: int) -> f
     return float(((x - centres[labels]) ** 2).sum())
 
 
+def _balanced_means(x: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Cluster means when every cluster holds exactly h/n rows."""
+    order = torch.argsort(labels, stable=True)
+    return x[order].view(num_clusters, -1, x.shape[1]).mean(1)
+
+
 def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: int = 0) -> Tensor:
     """Cluster the rows of `features` (h, f) into equal-size clusters; returns labels (h,).
 
@@ -181,7 +187,7 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
     stages = ("lloyd", "hartigan") if size > 1 else ("lloyd",)
     budget = iters
     for stage in stages:
-        stale = 0
+        stale, budget_at_stage = 0, budget
         while budget > 0:
             budget -= 1
             benefit = torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=2.0, beta=-1.0)  # (h, n)
@@ -190,12 +196,13 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
                 own = cost.gather(1, labels[:, None]) * (size / (size - 1))
                 benefit = -(cost * (size / (size + 1))).scatter_(1, labels[:, None], own)
             spread = float((benefit.max(1).values - benefit.min(1).values).mean()) or 1.0
-            schedule = [spread * e for e in (_EPS_FIRST if labels is None else _EPS_WARM)]
+            cold = labels is None or (stage == "hartigan" and stale == 0 and budget_at_stage == budget + 1)
+            schedule = [spread * e for e in (_EPS_FIRST if cold else _EPS_WARM)]
             new_labels, prices = _auction(benefit, size, prices, schedule)
-            centres = torch.zeros_like(centres).index_add_(0, new_labels, x) / size
+            centres = _balanced_means(x, new_labels, num_clusters)
             obj = total_sq - size * float((centres.double() ** 2).sum())
             log.debug("balanced k-means, %s: objective %.6g", stage, obj)
-            gained = obj < best_obj * (1 - _MIN_GAIN)
+            gained = obj < best_obj * (1 - _MIN_GAIN[stage])
             if obj < best_obj:
                 best_labels, best_obj = new_labels, obj
             stale = 0 if gained else stale + 1
@@ -204,7 +211,7 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
             if same or stale >= _PATIENCE[stage]:
                 break
         labels = best_labels
-        centres = torch.zeros_like(centres).index_add_(0, labels, x) / size
+        centres = _balanced_means(x, labels, num_clusters)
     return best_labels
 
 
