@@ -34,8 +34,8 @@ _WARMUP_STEPS = 3  # unconstrained Lloyd steps before the balanced ones
 _EPS_FIRST = (1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
 _EPS_WARM = (1e-3,)  # ... warm-started from the previous iteration's prices
 _SEQUENTIAL_TAIL = 512  # the auction's last bidders go one at a time
-_MIN_GAIN = {"lloyd": 1e-4, "hartigan": 5e-4}  # an iteration that gains less (relative) is stale...
-_PATIENCE = {"lloyd": 1, "hartigan": 2}  # ... and this many stale ones in a row end the stage
+_MIN_GAIN = {"lloyd": 1e-4, "hartigan": 5e-4}  # a stage ends at an iteration that gains less (relative)
+
 
 @dataclass
 class ExpertPlan:
@@ -187,7 +187,7 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
     stages = ("lloyd", "hartigan") if size > 1 else ("lloyd",)
     budget = iters
     for stage in stages:
-        stale, budget_at_stage = 0, budget
+        stage_start = budget
         while budget > 0:
             budget -= 1
             benefit = torch.addmm((centres * centres).sum(1), x, centres.t(), alpha=2.0, beta=-1.0)  # (h, n)
@@ -196,7 +196,7 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
                 own = cost.gather(1, labels[:, None]) * (size / (size - 1))
                 benefit = -(cost * (size / (size + 1))).scatter_(1, labels[:, None], own)
             spread = float((benefit.max(1).values - benefit.min(1).values).mean()) or 1.0
-            cold = labels is None or (stage == "hartigan" and stale == 0 and budget_at_stage == budget + 1)
+            cold = labels is None or (stage == "hartigan" and budget == stage_start - 1)
             schedule = [spread * e for e in (_EPS_FIRST if cold else _EPS_WARM)]
             new_labels, prices = _auction(benefit, size, prices, schedule)
             centres = _balanced_means(x, new_labels, num_clusters)
@@ -205,10 +205,9 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
             gained = obj < best_obj * (1 - _MIN_GAIN[stage])
             if obj < best_obj:
                 best_labels, best_obj = new_labels, obj
-            stale = 0 if gained else stale + 1
             same = labels is not None and torch.equal(labels, new_labels)
             labels = new_labels
-            if same or stale >= _PATIENCE[stage]:
+            if same or not gained:
                 break
         labels = best_labels
         centres = _balanced_means(x, labels, num_clusters)
