@@ -218,9 +218,9 @@ def test_harness_task_definition_points_at_the_shipped_file() -> None:
 @pytest.mark.slow
 def test_smollm_scores_a_shipped_task_above_chance_and_the_harness_agrees() -> None:
     loaded = load_model("smollm2-135m")
-    name = "bb_cause_and_effect"
+    name = "bb_general_knowledge"  # measured on all 69: acc 0.45 against a chance of 0.13
     ours = tasks.evaluate_tasks(loaded, [name], limit=24)["tasks"][0]
-    assert ours["acc"] > ours["chance"] + 0.15, ours
+    assert ours["acc"] > ours["chance"] + 0.15 and ours["acc_ci95"][0] > ours["chance"], ours
     if tasks.harness_available():
         theirs = tasks.run_harness(loaded, [name], limit=24)["tasks"][0]
         assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-9)

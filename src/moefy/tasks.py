@@ -363,7 +363,8 @@ def run_harness(
             (Path(tmp) / f"{TASK_PREFIX}{task.name}.yaml").write_text(harness_task_yaml(task), encoding="utf-8")
         if local:
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local JSON file: never look for a hub copy
-        manager = TaskManager(include_path=tmp) if local else TaskManager()
+        # only moefy's tasks: skip indexing the harness's thousands of task definitions
+        manager = TaskManager(include_path=tmp, include_defaults=len(local) < len(names)) if local else TaskManager()
         unknown = [n for n in names if n not in manager.all_tasks]
         if unknown:
             raise InvalidArgumentError(f"--tasks {','.join(unknown)}: unknown to lm-evaluation-harness and to moefy")
