@@ -34,7 +34,7 @@ _WARMUP_STEPS = 3  # unconstrained Lloyd steps before the balanced ones
 _EPS_FIRST = (1e-2, 1e-3)  # auction eps schedule (x the mean row spread of the benefits), cold start
 _EPS_WARM = (1e-3,)  # ... warm-started from the previous iteration's prices
 _SEQUENTIAL_TAIL = 512  # the auction's last bidders go one at a time
-_MIN_GAIN = {"lloyd": 1e-4, "hartigan": 5e-4}  # a stage ends at an iteration that gains less (relative)
+_MIN_GAIN = {"lloyd": 1e-4, "hartigan": 1e-3}  # a stage ends at an iteration that gains less (relative)
 
 
 @dataclass
