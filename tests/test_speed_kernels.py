@@ -185,3 +185,15 @@ def test_profile_decode_reports_every_stage() -> None:
         assert key in r, key
     assert r["layers"] == 2 and r["layer_total_us"] > 0
     assert all("_join_shared" not in vars(m) for m in moe.modules())  # stage wrappers removed
+
+
+def test_bench_layer_reports_its_roofline() -> None:
+    """The layer benchmark times a plain sum over the same weights in its interleaved loop and
+    reports each side's rate against it (figures not checked)."""
+    from moefy.bench import bench_ffn_layer
+
+    r = bench_ffn_layer(64, 128, num_experts=8, top_k=2, tokens=1, repeats=2, warmup=1, cold_weights=False)
+    assert r["read_ms"] > 0 and r["read_gbps"] > 0
+    for side in ("dense", "moe", "moe_all"):
+        assert r[f"{side}_roofline"] == pytest.approx(r[f"{side}_gbps"] / r["read_gbps"])
+    assert r["all_vs_dense"] == pytest.approx(r["dense_ms"] / r["moe_all_ms"])

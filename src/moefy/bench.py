@@ -19,6 +19,10 @@ well the dense BLAS runs on this CPU (MKL's fp32 paths are slow on AMD CPUs, whi
 dense ratio past the ideal). `dense_gbps` / `moe_gbps` are the weight bytes each side must read
 (the active experts' union for MoE) over its time: the figure that bounds decoding.
 
+Roofline: at batch 1 a layer is memory-bound, so each side's weight bytes / time is compared with
+the rate of a plain tensor sum over the same weight copies, timed in the same interleaved loop (so
+machine noise hits it alike): a kernel at 1.0 reads as fast as a sum does.
+
 `clock="cpu"` measures the calling thread's CPU time instead of wall time: on a shared,
 oversubscribed machine it leaves out the time the process was descheduled. It needs
 torch.get_num_threads() == 1 (other threads' work would not be counted).
@@ -121,9 +125,11 @@ def bench_ffn_layer(
 
     Returns a dict: the configuration, `dense_ms`, `moe_ms` and `moe_all_ms` (medians), `speedup`
     (dense_ms / moe_ms), `ideal` (num_experts / top_k), `efficiency` (speedup / ideal),
-    `speedup_vs_all` (moe_all_ms / moe_ms) and `dense_gbps` / `moe_gbps` (weight bytes read per second);
-    with `bandwidth_gbps` (`read_bandwidth_gbps()`), `dense_roofline` / `moe_roofline`: those rates as
-    fractions of the machine's read bandwidth (1.0: the kernel runs at memory speed).
+    `speedup_vs_all` (moe_all_ms / moe_ms), `dense_gbps` / `moe_gbps` / `moe_all_gbps` (weight bytes
+    read per second), `read_ms` / `read_gbps` (a plain tensor sum over the same weight bytes, timed
+    in the same interleaved loop: the roofline) and `dense_roofline` / `moe_roofline` /
+    `moe_all_roofline` (each rate over read_gbps; 1.0: reading at the speed of a plain sum).
+    `bandwidth_gbps`, if given, is recorded as is.
     """
     if h % num_experts != 0:
         raise InvalidArgumentError(f"num_experts={num_experts} must divide h={h}")
@@ -163,7 +169,12 @@ def bench_ffn_layer(
     def moe_all(r: int) -> Tensor:  # half a cycle away from the copy moe just read
         return expert_ffn(x, experts[(r + copies // 2) % copies], idx_all, scale_all)
 
-    runs: dict[str, Callable[[int], Tensor]] = {"dense": dense, "moe": moe, "moe_all": moe_all}
+    def read(r: int) -> Tensor:  # a plain sum over a cold copy of the bytes dense reads: the roofline
+        f = ffns[(r + copies // 3) % copies]
+        assert f.w_gate is not None
+        return f.w_gate.sum() + f.w_up.sum() + f.w_down.sum()
+
+    runs: dict[str, Callable[[int], Tensor]] = {"dense": dense, "moe": moe, "moe_all": moe_all, "read": read}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for r in range(warmup):
@@ -173,7 +184,7 @@ def bench_ffn_layer(
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
                 times[name].append(_time(functools.partial(runs[name], warmup + r), timer))
-    dense_ms, moe_ms, moe_all_ms = (1e3 * statistics.median(times[name]) for name in runs)
+    dense_ms, moe_ms, moe_all_ms, read_ms = (1e3 * statistics.median(times[name]) for name in runs)
     weight_bytes = layer_bytes
     # fraction of the experts some token uses (the union): what MoE must read
     active = statistics.mean(torch.unique(idx[idx >= 0]).numel() for idx, _ in routings) / num_experts
@@ -186,11 +197,12 @@ def bench_ffn_layer(
         "efficiency": dense_ms / moe_ms / (num_experts / top_k), "speedup_vs_all": moe_all_ms / moe_ms,
         "dense_gbps": weight_bytes / dense_ms / 1e6, "moe_gbps": active * weight_bytes / moe_ms / 1e6,
         "moe_all_gbps": weight_bytes / moe_all_ms / 1e6, "all_vs_dense": dense_ms / moe_all_ms,
+        "read_ms": read_ms, "read_gbps": weight_bytes / read_ms / 1e6,
     }
+    for side in ("dense", "moe", "moe_all"):
+        result[f"{side}_roofline"] = result[f"{side}_gbps"] / result["read_gbps"]
     if bandwidth_gbps:
         result["bandwidth_gbps"] = bandwidth_gbps
-        for side in ("dense", "moe", "moe_all"):
-            result[f"{side}_roofline"] = result[f"{side}_gbps"] / bandwidth_gbps
     log.info(
         "d=%d h=%d E=%d k=%d T=%d %s: dense %.3f ms, moe %.3f ms, speedup %.2fx (ideal %.1fx)",
         d, h, num_experts, top_k, tokens, result["dtype"], dense_ms, moe_ms, result["speedup"], result["ideal"],

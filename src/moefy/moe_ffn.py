@@ -22,6 +22,12 @@ for the losses of fine-tuning (`moefy.finetune`). Each selected routed expert's 
 its static vector*, v_e − m_e, is multiplied by the router's weight: 1 at inference; in training
 the straight-through gate g_e = 1 + p_e − sg(p_e), whose value is 1 and whose gradient reaches the
 router. The expert kernel is injected by name from the `moefy.kernels` registry.
+
+Inference on the CPU with the `auto`/`cpu` kernel takes one fused call for the experts and the
+static term together, M + b_out + Σ_{e∈S} (a_e − r_e) W_out[e] (`moefy.kernels.dispatch.
+centred_expert_ffn`, which for batches may run dense GEMMs instead when they measured faster);
+M + b_out is cached with the tensors it sums. Training, other kernels and devices take the general
+path (kernel, then Σ g_e m_e by embedding_bag); both give the same output up to rounding.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"CPU: {results['cpu']}, {torch.get_num_threads()} thread(s), {args.dtype}")
     if not args.no_layers:
         bandwidth = results["bandwidth_gbps"] = read_bandwidth_gbps(clock=args.clock)
-        print(f"read bandwidth (256 MiB sum): {bandwidth:.1f} GB/s; roofline = weight bytes read / time / that")
+        print(f"read bandwidth (256 MiB sum): {bandwidth:.1f} GB/s; roofline = weight bytes / time / the rate of a "
+              "sum over the same weights")
         print(f"{'d':>5} {'h':>6} {'E':>4} {'k':>4} {'T':>4} {'dense ms':>9} {'moe ms':>8} {'speedup':>8} {'ideal':>6} "
               f"{'k=n/dense':>9} {'roofline dense/moe':>18}")
         for d, h in shapes:

@@ -10,6 +10,10 @@ autograd Functions with the activation in torch between them:
     out = grouped_out(a, W_out)        (T, D)         backward: da = grouped_in(dout, W_out)
     weight gradients: grouped_wgrad (per-expert outer products, only active experts non-zero)
 
+The MoE layer's inference path (`cpu_centred_expert_ffn`) is the same fused call with the
+activations centred on the representatives, a ← a − r_e, and the output started at M + b_out, so the
+static-embedding term costs nothing extra: y = M + b_out + Σ_{e∈S} (a_e − r_e) W_out[e].
+
 Sums are fp32. bf16 weights are widened on load, except that a bf16 model on a CPU with
 AVX512-BF16 multiplies bf16 by bf16 (vdpbf16ps), as torch's own bf16 matmul does: in the input
 projection always, and in the fused call's down projection for batches. The output has x's dtype.
