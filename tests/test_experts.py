@@ -99,6 +99,13 @@ def test_clear_error_when_the_count_does_not_divide() -> None:
             balanced_kmeans(x, n)
 
 
+def test_clear_error_for_non_finite_features() -> None:
+    x = _features(16, 4, seed=0)
+    x[3, 1] = float("nan")
+    with pytest.raises(InvalidArgumentError, match="NaN"):
+        balanced_kmeans(x, 4)
+
+
 def test_auction_is_near_optimal() -> None:
     scipy_optimize = pytest.importorskip("scipy.optimize")
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,9 @@ Gate, up and down projections always share one partition (a permutation `perm` o
 expert e owns neurons perm[e*S:(e+1)*S]). Methods:
 
 * `kmeans`: balanced k-means on the L2-normalised weight rows (W1, or [W_gate | W_up] for
-  gated FFNs) — MoEfication's parameter clustering.
+  gated FFNs) — MoEfication's parameter clustering. `balanced_kmeans` is vectorised: one matmul
+  and a batched auction (exactly h/n per expert) per iteration, then a Hartigan-style refinement
+  (issue 16; `benchmarks/bench_kmeans.py`).
 * `coactivation`: balanced k-means on the neurons' centred activation magnitudes |a - r| over
   a calibration sample, so neurons that fire (away from their representative) together share
   an expert. No external METIS.
@@ -169,9 +171,11 @@ def balanced_kmeans(features: Tensor, num_clusters: int, iters: int = 15, seed: 
             f"for {h} rows"
         )
     size = h // num_clusters
+    x = features.detach().float().cpu().contiguous()
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidArgumentError("balanced k-means: the neuron features hold NaN or infinite values")
     if num_clusters == 1:
         return torch.zeros(h, dtype=torch.long)
-    x = features.detach().float().cpu().contiguous()
     g = torch.Generator().manual_seed(seed)
     centres = x[torch.randperm(h, generator=g)[:num_clusters]].clone()
     for _ in range(_WARMUP_STEPS):  # unconstrained Lloyd; an empty cluster keeps its centre
