@@ -42,7 +42,7 @@ import logging
 import math
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -323,6 +323,7 @@ def distill(
     *,
     checkpoint_dir: str | Path | None = None,
     progress: bool = False,
+    callback: Callable[[int, DistillReport], None] | None = None,
 ) -> DistillReport:
     """Train the routers, representatives and compensation of `loaded.model` (already converted under
     `plan`) against its dense self on `batches`, then write them into `plan`. See the module docstring."""
@@ -340,7 +341,7 @@ def distill(
         raise InvalidArgumentError("no distillation text: the calibration batches are empty")
     t0 = time.perf_counter()
     with _in_float32(model):
-        _distill_fp32(loaded, plan, pairs, ids, mask, config, report, checkpoint_dir, progress)
+        _distill_fp32(loaded, plan, pairs, ids, mask, config, report, checkpoint_dir, progress, callback)
     report.seconds = time.perf_counter() - t0
     s = report.summary()
     log.info("distilled %d layers for %d steps in %.0f s: loss on the probe sequences %.4f -> %.4f", len(layers),
@@ -369,6 +370,7 @@ def _in_float32(model: nn.Module) -> Iterator[None]:
 def _distill_fp32(
     loaded: LoadedModel, plan: ModelPlan, pairs: Sequence[tuple[LayerPlan, MoEFFN]], ids: Tensor, mask: Tensor,
     config: ConvertConfig, report: DistillReport, checkpoint_dir: str | Path | None, progress: bool,
+    callback: Callable[[int, DistillReport], None] | None,
 ) -> None:
     model = loaded.model
     layers = [m for _, m in pairs]
@@ -419,6 +421,8 @@ def _distill_fp32(
             done = step + 1
             if folder is not None and (done % config.distill_checkpoint_every == 0 or done == steps):
                 save_checkpoint(folder, done, params, opt, key)
+            if callback is not None:
+                callback(done, report)  # e.g. an evaluation (the model computes its converted value)
             if deadline is not None and time.perf_counter() > deadline and done < steps:
                 report.stopped_early = True
                 log.info("distillation stopped at step %d: --distill-minutes %s reached", done, config.distill_minutes)
