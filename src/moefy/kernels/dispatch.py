@@ -13,10 +13,17 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moefy.errors import InvalidArgumentError
-from moefy.kernels.cpu import CPU_DTYPES, centred_kernel_applies, cpu_centred_expert_ffn, cpu_expert_ffn
+from moefy.kernels.cpu import (
+    CPU_DTYPES,
+    activation_code,
+    centred_kernel_applies,
+    cpu_centred_expert_ffn,
+    cpu_expert_ffn,
+)
 from moefy.kernels.cpu_ext import cpu_ops
 from moefy.kernels.decode import torch_decode_expert_ffn
 from moefy.kernels.grouped import torch_grouped_expert_ffn
@@ -53,6 +60,16 @@ def dense_centred_expert_ffn(
     t, e, s, d = x.shape[0], weights.num_experts, weights.expert_size, weights.d_model
     valid = (idx >= 0).to(x.dtype)  # (T, K)
     mask = x.new_zeros(t, e).scatter_add_(1, idx.clamp_min(0), valid)  # (T, E) 1 where selected
+    ops, code = cpu_ops(), activation_code(weights.act)
+    if ops is not None and code and x.device.type == "cpu" and not torch.is_grad_enabled():
+        # one GEMM, one fused pass (activation, centring, mask), one GEMM with the output init folded in
+        b_in = None if weights.b_in is None else weights.b_in.reshape(-1)
+        pre = F.linear(x, weights.w_in.reshape(-1, d), b_in).reshape(t * e, -1)  # (T*E, S_in)
+        u = ops.centred_activation(pre, centre, mask, code, weights.gated).to(x.dtype)  # (T*E, S)
+        w_out = weights.w_out.reshape(e * s, d)
+        if out_init is None:
+            return u.reshape(t, e * s) @ w_out
+        return torch.addmm(out_init.to(x.dtype), u.reshape(t, e * s), w_out)  # (T, D)
     u = (weights.all_activations(x) - centre.to(x.dtype)) * mask.unsqueeze(2)  # (T, E, S)
     y = u.reshape(t, e * s) @ weights.w_out.reshape(e * s, d)  # (T, D)
     return y if out_init is None else y + out_init.to(y.dtype)

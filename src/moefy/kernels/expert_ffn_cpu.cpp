@@ -850,6 +850,26 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   return out.to(x.scalar_type());
 }
 
+// Dense-path activations of the MoE layer: pre (T*E, R) from one GEMM over all experts, row q of
+// expert q % E; u[q, :] = mask[q] · (act(gate) ⊙ up − centre[q % E]) (T*E, S) fp32. With the 0/1
+// selection mask, u W_out over all experts equals the block-sparse kernel's sum.
+at::Tensor centred_activation(const at::Tensor& pre_in, const at::Tensor& centre_in, const at::Tensor& mask_in,
+                              int64_t act, bool gated) {
+  TORCH_CHECK(act >= ACT_SILU && act <= ACT_RELU, "unknown activation code ", act);
+  const at::Tensor pre = as_f32(pre_in), centre = as_f32(centre_in), mask = as_f32(mask_in);
+  TORCH_CHECK(centre.dim() == 2, "centre must be (E, S)");
+  const int64_t E = centre.size(0), S = centre.size(1), R = gated ? 2 * S : S;
+  TORCH_CHECK(pre.dim() == 2 && pre.size(1) == R && pre.size(0) % std::max<int64_t>(E, 1) == 0, "pre must be (T * E, ", R, ")");
+  const int64_t n = pre.size(0);
+  TORCH_CHECK(mask.numel() == n, "mask must have T * E entries");
+  std::vector<int64_t> rows(static_cast<size_t>(n)), expert(static_cast<size_t>(n));
+  for (int64_t q = 0; q < n; ++q) rows[q] = q, expert[q] = q % E;
+  at::Tensor u = at::empty({n, S}, pre.options());
+  activate_slots(pre.data_ptr<float>(), rows.data(), n, mask.data_ptr<float>(), centre.data_ptr<float>(), expert.data(),
+                 S, R, gated, act, u.data_ptr<float>());
+  return u;
+}
+
 }  // namespace
 
 #ifndef MOEFY_LIB
@@ -864,6 +884,7 @@ TORCH_LIBRARY(MOEFY_LIB, m) {
   m.def(
       "fused_expert_ffn(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, Tensor idx, Tensor? scale, int act, "
       "bool gated, Tensor? centre=None, Tensor? out_init=None) -> Tensor");
+  m.def("centred_activation(Tensor pre, Tensor centre, Tensor mask, int act, bool gated) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
@@ -872,4 +893,5 @@ TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
   m.impl("grouped_out", &grouped_out);
   m.impl("grouped_wgrad", &grouped_wgrad);
   m.impl("fused_expert_ffn", &fused_expert_ffn);
+  m.impl("centred_activation", &centred_activation);
 }
