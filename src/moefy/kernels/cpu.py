@@ -181,7 +181,7 @@ def cpu_centred_expert_ffn(
     check_inputs(x, weights, idx, None)
     b_in = weights.b_in
     try:
-        return _ops().fused_expert_ffn(
+        return cpu_ops().fused_expert_ffn(
             x, weights.w_in.contiguous(), None if b_in is None else b_in.contiguous(), weights.w_out.contiguous(),
             idx, None, activation_code(weights.act), weights.gated, centre, out_init,
         )

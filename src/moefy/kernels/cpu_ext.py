@@ -174,7 +174,11 @@ def _variant_ops(isa: str) -> Any:
 def cpu_ops() -> Any:
     """The `torch.ops.moefy_cpu` namespace (or the variant `forced_isa` / `MOEFY_CPU_ISA` picks),
     building the library on first use; None if unavailable."""
-    isa = _forced[-1] if _forced else os.environ.get("MOEFY_CPU_ISA", "native") or "native"
+    if not _forced and "ops" in _state and _state.get("isa") == "native":  # the common case, fast
+        return _state["ops"]
+    if "isa" not in _state:  # MOEFY_CPU_ISA is read once per process
+        _state["isa"] = os.environ.get("MOEFY_CPU_ISA", "native") or "native"
+    isa = _forced[-1] if _forced else _state["isa"]
     if isa != "native":
         if isa not in ISA_VARIANTS:
             raise InvalidArgumentError(f"unknown CPU ISA variant {isa!r}; valid: native, {', '.join(ISA_VARIANTS)}")
