@@ -235,7 +235,7 @@ _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "r
                "mean_abs_centred", "seconds", "compensation", "lowrank_rank"}
 # keys added after format 2 was first written, with the value a plan written before them means
 _LAYER_LEGACY: dict[str, object] = {"compensation": False, "lowrank_rank": 0}
-_CONFIG_LEGACY: dict[str, object] = {"distill": False, "distill_steps": 0, "distill_minutes": None, "distill_batch": 4, "distill_lr": 1e-3,
+_CONFIG_LEGACY: dict[str, object] = {"distill": False, "distill_steps": 0, "distill_minutes": None, "distill_batch": 2, "distill_lr": 1e-3,
                   "distill_layer_weight": 1.0, "distill_checkpoint_every": 25, "compensation": False, "compensation_rank": 0}
 _BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256", "ffn_fingerprint"}
 

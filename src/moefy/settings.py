@@ -30,7 +30,7 @@ SELECTIONS = ("router", "oracle", "static", "all")  # moefy.moe_ffn.MoEFFN selec
 KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
 DEFAULT_BUDGET = 0.75  # FFN FLOPs budget of a conversion given neither --top-k nor --budget
-DEFAULT_DISTILL_STEPS = 150  # distillation steps of a default conversion
+DEFAULT_DISTILL_STEPS = 60  # distillation steps of a default conversion (measured: benchmarks/distill_curve.py)
 MIN_SAMPLE_SIZE = 64  # sampled tokens per layer below which a router cannot be trained
 
 
@@ -85,7 +85,7 @@ class ConvertConfig:
     distill_minutes: float | None = field(
         default=None, metadata=_opt("stop distillation after this many minutes, even before --distill-steps")
     )
-    distill_batch: int = field(default=4, metadata=_opt("calibration sequences per distillation step"))
+    distill_batch: int = field(default=2, metadata=_opt("calibration sequences per distillation step"))
     distill_lr: float = field(default=1e-3, metadata=_opt("peak learning rate of distillation (Adam)"))
     distill_layer_weight: float = field(
         default=1.0, metadata=_opt("weight of per-layer output matching beside the KL to the dense model")
