@@ -38,7 +38,7 @@ def test_family_end_to_end(model_type: str, tmp_path: Path, capsys) -> None:
     assert main(["eval", str(folder), *eval_args, "--json", str(dense_json)]) == 0, capsys.readouterr().err
     assert main(["convert", str(folder), "--experts", "8", "--top-k", "4", "--shared", "0", "--sample-size", "512",
                  "--router-epochs", "2", "--calibration-sequences", "8", "--calibration-text", str(text),
-                 "--out", str(out)]) == 0, capsys.readouterr().err
+                 "--distill-steps", "5", "--out", str(out)]) == 0, capsys.readouterr().err
     assert {p.name for p in out.iterdir()} == {"moefy.json", "plan.safetensors"}
 
     moe = MoEModel.from_pretrained(out)

@@ -41,7 +41,7 @@ def test_smollm_conversion_all_experts_is_exact_then_sparse(tmp_path) -> None:
         dense = loaded.model(input_ids=ids).logits
     config = ConvertConfig(
         num_experts=32, top_k=16, budget=None, method="contiguous", shared_fraction=0.0, calibration_sequences=4,
-        sample_size=512, router_epochs=2, router_hidden=32, sequential=False,
+        sample_size=512, router_epochs=2, router_hidden=32, sequential=False, distill_steps=2,
     )
     converted = api.convert(loaded, config)
     assert len(moe_layers(converted.model)) == len(converted.plan.layers) == 30
@@ -110,7 +110,7 @@ def test_gemma3_whose_tokenizer_adds_bos_end_to_end(tmp_path) -> None:
     with torch.no_grad():
         dense = loaded.model(input_ids=batch.input_ids).logits
     config = ConvertConfig(num_experts=32, top_k=16, shared_fraction=0.0, method="contiguous", calibration_sequences=4,
-                           sample_size=512, router_epochs=2, sequential=False)
+                           sample_size=512, router_epochs=2, sequential=False, distill_steps=2)
     moe = api.convert(loaded, config)
     configure(moe.model, top_k=32)  # every expert: the dense model
     with torch.no_grad():
