@@ -186,25 +186,28 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def teacher_targets(loaded: LoadedModel, layers: Sequence[MoEFFN], batches: Sequence[TokenBatch]) -> list[tuple[Tensor, Tensor]]:
-    """Per sequence: causal LM, (log-probabilities (L, 64), token ids (L, 64)) of the dense model's
-    top next tokens; encoder, (last hidden state (L, D), empty)."""
+def teacher_targets(
+    loaded: LoadedModel, layers: Sequence[MoEFFN], ids: Tensor, mask: Tensor, rows: Sequence[int]
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """For each sequence `rows` of ids/mask (N, L): causal LM, (log-probabilities (L, 64), token ids
+    (L, 64)) of the dense model's top next tokens; encoder, (last hidden state (L, D), empty)."""
     model, device = loaded.model, _device(loaded.model)
-    out: list[tuple[Tensor, Tensor]] = []
+    out: dict[int, tuple[Tensor, Tensor]] = {}
     with dense_mode(layers):
-        for b in batches:
-            res = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device))
+        for i in range(0, len(rows), 8):
+            chunk = list(rows[i : i + 8])
+            res = model(input_ids=ids[chunk].to(device), attention_mask=mask[chunk].to(device))
             if loaded.is_causal:
                 logp = torch.log_softmax(res.logits.float(), dim=-1)
                 top = torch.topk(logp, min(TEACHER_TOP, logp.shape[-1]), dim=-1)
-                out += [(v.cpu(), i.cpu()) for v, i in zip(top.values, top.indices, strict=True)]
+                out.update({r: (v.cpu(), j.cpu()) for r, v, j in zip(chunk, top.values, top.indices, strict=True)})
             else:
-                out += [(h.float().cpu(), torch.empty(0)) for h in res.last_hidden_state]
+                out.update({r: (h.float().cpu(), torch.empty(0)) for r, h in zip(chunk, res.last_hidden_state, strict=True)})
     return out
 
 
 @torch.no_grad()
-def probe_loss(loaded: LoadedModel, ids: Tensor, mask: Tensor, targets: Sequence[tuple[Tensor, Tensor]]) -> float:
+def probe_loss(loaded: LoadedModel, ids: Tensor, mask: Tensor, targets: dict[int, tuple[Tensor, Tensor]]) -> float:
     """The output loss of the model as it runs for inference (sparse kernels), on fixed sequences."""
     device = _device(loaded.model)
     total, n = 0.0, 0
@@ -375,12 +378,9 @@ def _distill_fp32(
     model = loaded.model
     layers = [m for _, m in pairs]
     steps = config.distill_steps
-    targets = teacher_targets(loaded, layers, [TokenBatch(ids[i : i + 8], mask[i : i + 8]) for i in range(0, ids.shape[0], 8)])
     for m in layers:
         add_compensation(m, config)
     params = trainable_tensors(layers)
-    probe = min(PROBE_SEQUENCES, ids.shape[0])
-    report.probe_before = probe_loss(loaded, ids[:probe], mask[:probe], targets)
     groups = [{"params": [p for n, p in params.items() if ".router." in n], "lr": config.distill_lr},
               {"params": [p for n, p in params.items() if ".router." not in n], "lr": config.distill_lr}]
     opt = torch.optim.Adam(groups, lr=config.distill_lr)
@@ -390,6 +390,11 @@ def _distill_fp32(
     report.first_step = start
     if start:
         log.info("distillation resumes at step %d of %d from %s", start, steps, folder)
+    probe = min(PROBE_SEQUENCES, ids.shape[0])
+    # the dense model's targets, for the sequences the remaining steps (and the probe) will use only
+    needed = set(range(probe)) | {r for s in range(start, steps) for r in sequence_order(ids.shape[0], s, config.distill_batch, config.seed)}
+    targets = teacher_targets(loaded, layers, ids, mask, sorted(needed))
+    report.probe_before = probe_loss(loaded, ids[:probe], mask[:probe], targets)
     device = _device(model)
     deadline = None if config.distill_minutes is None else time.perf_counter() + 60.0 * config.distill_minutes
     bar = tqdm(range(start, steps), desc="distilling", disable=not progress, initial=start, total=steps)
