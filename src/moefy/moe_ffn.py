@@ -222,7 +222,8 @@ class MoEFFN(nn.Module):
         fixed_k = self._fixed_k()
         if self.selection == "router":
             assert self.router is not None
-            routing = self.last_routing = self.router(x2)
+            routing = self.router(x2)
+            vars(self)["last_routing"] = routing  # a plain attribute (skips nn.Module.__setattr__'s checks)
             idx = self._join_shared(routing.idx, no_empty=fixed_k)  # (T, K)
             if routing.weights.requires_grad:
                 scale = torch.cat([routing.weights.new_ones(x2.shape[0], self.num_shared), routing.weights], dim=1)
@@ -241,8 +242,9 @@ class MoEFFN(nn.Module):
             y = y - chosen + total
         y = self.add_compensation(x2, y)
         if not self.training:  # count what inference computes
-            self.tokens_seen += x2.shape[0]
-            self.experts_selected += idx.numel() if fixed_k else int((idx >= 0).sum())
+            counters = vars(self)  # plain ints: skip nn.Module.__setattr__ (microseconds per layer per token)
+            counters["tokens_seen"] += x2.shape[0]
+            counters["experts_selected"] += idx.numel() if fixed_k else int((idx >= 0).sum())
         return y.reshape(shape)
 
     def _centred_experts(self, x2: Tensor, idx: Tensor, total: Tensor) -> Tensor | None:
