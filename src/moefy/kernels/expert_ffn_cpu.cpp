@@ -265,6 +265,11 @@ inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
 template <int TB, typename X, typename W>
 inline void dot_rows(const X* const* xs, const W* w, int64_t rows, int64_t D, float* out) {
   int64_t r = 0;
+  if constexpr (TB > 4) {  // 2 rows x up to 8 tokens: each weight row is reused by twice the tokens
+    for (; r + 2 <= rows; r += 2) dot_tile<2, TB>(xs, w + r * D, D, out + r * TB);
+    if (r < rows) dot_tile<1, TB>(xs, w + r * D, D, out + r * TB);
+    return;
+  }
   for (; r + 4 <= rows; r += 4) dot_tile<4, TB>(xs, w + r * D, D, out + r * TB);
   switch (rows - r) {
     case 3: dot_tile<3, TB>(xs, w + r * D, D, out + r * TB); break;
@@ -278,7 +283,10 @@ struct InItem {
   int64_t e, slot_begin, ntok, r0, r1;
 };
 
-constexpr int64_t IN_TB = 4;  // tokens per tile
+#ifndef IN_TB_MAX
+#define IN_TB_MAX 8
+#endif
+constexpr int64_t IN_TB = IN_TB_MAX;  // tokens per tile (4 rows x 4 tokens, or 2 rows x 8 tokens)
 
 // Work items in expert-major order, so a static split streams each thread through contiguous
 // weight rows. Row chunks keep one chunk of weights cache-resident across the token blocks.
@@ -319,6 +327,12 @@ void grouped_in_impl(const X* x, const W* w, const W* bias, const Groups& g, int
         const int64_t rows = std::min(rows_per_tile, it.r1 - r0);
         const W* wr = w + (it.e * R + r0) * D;
         switch (it.ntok) {
+#if IN_TB_MAX == 8
+          case 8: dot_rows<8>(xs, wr, rows, D, tile); break;
+          case 7: dot_rows<7>(xs, wr, rows, D, tile); break;
+          case 6: dot_rows<6>(xs, wr, rows, D, tile); break;
+          case 5: dot_rows<5>(xs, wr, rows, D, tile); break;
+#endif
           case 4: dot_rows<4>(xs, wr, rows, D, tile); break;
           case 3: dot_rows<3>(xs, wr, rows, D, tile); break;
           case 2: dot_rows<2>(xs, wr, rows, D, tile); break;
