@@ -191,7 +191,8 @@ class ModelPlan:
         """Write the adapter files into an existing (temporary) folder."""
         tensors = {f"layers.{lp.index}.{k}": v for lp in self.layers for k, v in lp.tensors().items()}
         save_file(tensors, str(folder / PLAN_FILE), metadata={"format": FORMAT})
-        meta = {**self.metadata(), "files": {PLAN_FILE: file_sha256(folder / PLAN_FILE)}}
+        meta = self.metadata()
+        meta["files"] = {PLAN_FILE: file_sha256(folder / PLAN_FILE), MODEL_SETTINGS: model_settings_sha256(meta)}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -205,7 +206,7 @@ class ModelPlan:
     def load(cls, folder: str | Path) -> ModelPlan:
         folder = Path(folder)
         meta = read_metadata(folder)
-        _verify_files(folder, meta["files"])
+        _verify_files(folder, meta)
         try:
             tensors = load_file(str(folder / PLAN_FILE))
         except (SafetensorError, OSError, ValueError) as e:
@@ -223,6 +224,7 @@ class ModelPlan:
             raise CheckpointError(f"{folder / PLAN_FILE}: tensors for no layer: {', '.join(leftover[:5])}")
         if [lp.index for lp in layers] != list(range(len(layers))) or len(layers) != base["num_layers"]:
             raise CheckpointError(f"{folder / CONFIG_FILE}: layers must be 0..{base['num_layers'] - 1} in order")
+        _verify_model_settings(folder, meta)
         return cls(
             base=BaseIdentity(**{**base, "ffn_fingerprint": tuple(base["ffn_fingerprint"])}), config=config,
             runtime=runtime, layers=layers, seconds=float(meta["search_seconds"]), extra=meta["extra"],
@@ -248,9 +250,22 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify_files(folder: Path, files: object) -> None:
+MODEL_SETTINGS = "moefy.json:runtime+layers"  # "files" key: SHA-256 of the JSON that decides how the model runs
+_INFORMATIONAL = ("router_recall", "mean_abs_centred", "seconds")  # layer keys that only describe the search
+
+
+def model_settings_sha256(meta: dict) -> str:
+    """SHA-256 of the parts of moefy.json that change the model (runtime, and each layer's settings
+    but the informational ones), canonically serialised."""
+    layers = [{k: v for k, v in layer.items() if k not in _INFORMATIONAL} for layer in meta["layers"]]
+    blob = json.dumps({"runtime": meta["runtime"], "layers": layers}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _verify_files(folder: Path, meta: dict) -> None:
     """Every file the plan records is there with the SHA-256 it had when it was written."""
-    if not isinstance(files, dict) or set(files) != {PLAN_FILE}:
+    files = meta["files"]
+    if not isinstance(files, dict) or set(files) - {MODEL_SETTINGS} != {PLAN_FILE}:
         raise CheckpointError(f"{folder / CONFIG_FILE}: \"files\" must record the SHA-256 of {PLAN_FILE}")
     path = folder / PLAN_FILE
     if not path.is_file():
@@ -258,6 +273,18 @@ def _verify_files(folder: Path, files: object) -> None:
     if file_sha256(path) != files[PLAN_FILE]:
         raise CheckpointError(
             f"{path}: its SHA-256 differs from the one recorded in {CONFIG_FILE}: the file was changed or is corrupt"
+        )
+
+
+def _verify_model_settings(folder: Path, meta: dict) -> None:
+    """The JSON's model settings are those it was written with (a plan saved before this digest
+    existed records only the file's). Checked after every value was validated, so an invalid edit
+    gets its own precise message first."""
+    files = meta["files"]
+    if MODEL_SETTINGS in files and files[MODEL_SETTINGS] != model_settings_sha256(meta):
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: its runtime or layer settings were edited after it was saved; change how a "
+            "converted model runs with flags (--top-k, --budget, --tau, --selection) or MoEModel.configure, not by editing the file"
         )
 
 
