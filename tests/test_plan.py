@@ -308,7 +308,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "json_base_type": (_edit_json(lambda m: _set(m["base"], "d_ff", "128")), "positive integers"),
     "json_layer_block": (_edit_json(lambda m: _set(m["layers"][1], "block", "model.layers.7")), "edited after it was saved"),
     # valid values, but not those the plan was saved with: the JSON's model settings are checksummed
-    "json_layer_tau": (_edit_json(lambda m: _set(m["layers"][0], "tau", 0.5)), "runtime or layer settings were edited"),
+    "json_layer_tau_valid": (_edit_json(lambda m: _set(m["layers"][0], "tau", 0.5)), "runtime or layer settings were edited"),
     "json_runtime_top_k": (_edit_json(lambda m: _set(m["runtime"], "top_k", 3)), "runtime or layer settings were edited"),
 }
 
