@@ -197,3 +197,18 @@ def test_bench_layer_reports_its_roofline() -> None:
     for side in ("dense", "moe", "moe_all"):
         assert r[f"{side}_roofline"] == pytest.approx(r[f"{side}_gbps"] / r["read_gbps"])
     assert r["all_vs_dense"] == pytest.approx(r["dense_ms"] / r["moe_all_ms"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--profile", "--no-layers"], "--profile needs --model"),
+    (["bench", "--clock", "cpu", "--threads", "2", "--no-layers"], "--clock cpu needs --threads 1"),
+])
+def test_bench_cli_rejects_inconsistent_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from moefy.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(argv) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert message in capsys.readouterr().err
