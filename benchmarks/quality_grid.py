@@ -21,7 +21,15 @@ import torch
 from static_importance import set_static_importance, taylor_importance  # benchmarks/static_importance.py
 
 from moefy.api import calibration_batches, evaluate_model
-from moefy.conversion import apply, configure, ffn_flops_fraction, ffn_shape, moe_layers, planned_top_k, search
+from moefy.conversion import (
+    apply,
+    configure,
+    ffn_flops_fraction,
+    ffn_shape,
+    moe_layers,
+    planned_top_k,
+    search,
+)
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import extract_ffn
 from moefy.models import load_model
