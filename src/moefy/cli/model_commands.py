@@ -93,6 +93,8 @@ def _check_task_flags(args: argparse.Namespace) -> list[str]:
 
 def _run_tasks_and_generation(args: argparse.Namespace, target, task_names: list[str], results: dict) -> None:
     """Zero-shot multiple-choice tasks (built-in evaluator or the harness) and generation fidelity."""
+    if (task_names or args.generation) and hasattr(target, "runtime"):
+        results.setdefault("runtime", target.runtime.to_json())  # a converted model: the settings it ran at
     if task_names:
         from moefy import tasks
 
