@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moefy.cli.flags import add_dtype, add_settings, runtime_changes, settings_from
+from moefy.cli.flags import add_dtype, add_settings, check_device, runtime_changes, settings_from
 from moefy.cli.output import change, check_json_path, check_text_files, print_table, write_json
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 
@@ -56,7 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from moefy.api import evaluate_model, load
     from moefy.moe_model import MoEModel
 
-    target = load(args.model, base=args.base, dtype=args.dtype)
+    check_device(args)
+    target = load(args.model, base=args.base, dtype=args.dtype, device=args.device)
     if isinstance(target, MoEModel) and changes:
         target.configure(**changes)
     results: dict = {"model": args.model}
@@ -141,7 +142,6 @@ def add_eval(s: argparse.ArgumentParser) -> None:
     g.add_argument("--perplexity", action="store_true", help="also the held-out perplexity with --tasks/--generation")
 
 
-
 # ---- stats --------------------------------------------------------------------------------------
 def cmd_stats(args: argparse.Namespace) -> int:
     """Calibrate a dense model on text and print per-layer FFN activation statistics (exact and
@@ -201,7 +201,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     check_writable(args.out, overwrite=args.overwrite)
     from moefy.api import convert, distill_checkpoint_dir, remove_distill_checkpoint
 
-    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype,
+    check_device(args)
+    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype, device=args.device,
                   checkpoint_dir=distill_checkpoint_dir(args.out), progress=True)
     moe.save(args.out, overwrite=args.overwrite)
     remove_distill_checkpoint(args.out)
@@ -244,10 +245,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
+    check_device(args)
     from moefy.pipeline import run_main_job
 
     s = run_main_job(args.model, config, out=args.out, eval_sequences=args.eval_sequences, overwrite=args.overwrite,
-                     report=not args.no_report, dtype=args.dtype)
+                     report=not args.no_report, dtype=args.dtype, device=args.device)
     rows = []
     for d, m in zip(s["dense"], s["moe"], strict=True):
         for key in d:
