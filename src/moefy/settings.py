@@ -86,7 +86,7 @@ class ConvertConfig:
         default=None, metadata=_opt("stop distillation after this many minutes, even before --distill-steps")
     )
     distill_batch: int = field(default=2, metadata=_opt("calibration sequences per distillation step"))
-    distill_lr: float = field(default=1e-3, metadata=_opt("peak learning rate of distillation (Adam)"))
+    distill_lr: float = field(default=2e-4, metadata=_opt("peak learning rate of distillation (Adam)"))
     distill_layer_weight: float = field(
         default=1.0, metadata=_opt("weight of per-layer output matching beside the KL to the dense model")
     )
