@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moefy.bench import cpu_name
 from moefy.errors import InvalidArgumentError
 from moefy.experts import balanced_kmeans, balanced_objective
 
@@ -82,17 +82,6 @@ def make_features(kind: str, h: int, d: int, seed: int = 0) -> Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _run(fn, x: Tensor, n: int, seed: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     t0 = time.perf_counter()
     labels = fn(x, n, seed=seed)
@@ -113,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
-    print(f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}", flush=True)
     print("| config | h | d | E | features | old time (s) | old objective | new time (s) | new objective | speedup |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.configs:
@@ -140,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {h} | {d} | {n} | {kind} {old}| {new_s:.1f} | {new_obj:.1f} | {speed} |", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "seed": args.seed}
+        meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__, "seed": args.seed}
         args.out.write_text(json.dumps({"machine": meta, "records": records}, indent=1) + "\n")
     return 0
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from moefy.api import calibration_batches
+from moefy.bench import cpu_name
 from moefy.conversion import ffn_flops_fraction, moe_layers
 from moefy.distill import dense_mode, distill
 from moefy.evaluate import perplexity
@@ -97,7 +97,7 @@ def main() -> None:
     rows[-1]["ffn_flops"] = round(ffn_flops_fraction(loaded.model), 4)
     result = {
         "plan": args.plan, "settings": {k: v for k, v in config.to_json().items() if k.startswith(("distill", "compensation"))},
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "dense": dense, "curve": rows, "distillation": report.summary(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moefy.conversion import moe_layers
+from moefy.distill import lr_factor
 from moefy.errors import InvalidArgumentError
 from moefy.layers.losses import cv_squared, expert_counts, router_z_loss, switch_balance_loss
 from moefy.layers.routers import RouterOutput
@@ -177,15 +178,7 @@ def _micro_batches(batches: Sequence[TokenBatch], batch_size: int, seed: int) ->
 
 def _schedule(steps: int) -> Callable[[int], float]:
     """Linear warm-up over the first 10% of steps, then cosine decay to 10% of the peak."""
-    warmup = max(1, steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor
+    return lambda step: lr_factor(step, steps)
 
 
 @contextmanager
