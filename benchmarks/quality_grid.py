@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from static_importance import set_static_importance, taylor_importance  # benchmarks/static_importance.py
 
 from moefy.api import calibration_batches, evaluate_model
 from moefy.conversion import (
@@ -32,6 +31,7 @@ from moefy.conversion import (
 )
 from moefy.errors import InvalidArgumentError
 from moefy.ffn import extract_ffn
+from moefy.importance import set_static_importance, taylor_importance
 from moefy.models import load_model
 from moefy.moe_model import MoEModel
 from moefy.neuron_selection import install_neuron_selection, neuron_selection_flops_fraction

@@ -262,7 +262,8 @@ def _layer_settings(lp: LayerPlan, shape: FFNShape, runtime: RuntimeConfig) -> d
                 "use --selection oracle/static/all or re-convert with a smaller --top-k"
             )
         selection = "all"
-    return {"top_k": k, "selection": selection, "tau": runtime.tau if runtime.tau is not None else lp.tau}
+    return {"top_k": k, "selection": selection, "tau": runtime.tau if runtime.tau is not None else lp.tau,
+            "zero_representatives": runtime.zero_representatives}
 
 
 def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
@@ -279,7 +280,7 @@ def build_moe(ffn: FFNWeights, lp: LayerPlan, runtime: RuntimeConfig) -> MoEFFN:
     moe = MoEFFN(
         experts=experts, representatives=lp.representatives.to(device, dtype), b_out=ffn.b_down, router=router,
         compensation=None if lp.compensation is None else lp.compensation.to(device, dtype), lowrank=lowrank,
-        num_shared=lp.num_shared, importance=lp.importance.to(device), kernel=runtime.kernel,
+        num_shared=lp.num_shared, importance=lp.importance.to(device), kernel=runtime.kernel, seed=lp.index,
         **_layer_settings(lp, ffn_shape(ffn), runtime),
     )
     moe.perm = lp.perm  # which plan layer built it (apply refuses to reconfigure it under another plan)

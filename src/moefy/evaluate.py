@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, batch: TokenBatch, batch_size: int = 8, progress: bool = False) -> float:
-    """Token-weighted perplexity; tokens with batch.scored False (if given) are context only."""
-    total_nll, total_tokens = 0.0, 0
+def sequence_nll(model: nn.Module, batch: TokenBatch, batch_size: int = 8, progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Per sequence of `batch`: the summed negative log-likelihood of its scored tokens and their
+    count, both (N,); tokens with batch.scored False (if given) are context only."""
+    nlls, counts = [], []
     device = next(model.parameters()).device
     chunks = batch.chunks(batch_size)
     for chunk in tqdm(chunks, desc=f"perplexity {batch.name}", disable=not progress, leave=False):
@@ -39,15 +40,36 @@ def perplexity(model: nn.Module, batch: TokenBatch, batch_size: int = 8, progres
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, L-1)
         scored = chunk.attention_mask[:, 1:].bool() if chunk.scored is None else chunk.scored[:, 1:]
         scored = scored.to(device)
-        total_nll += float(nll[scored].sum())
-        total_tokens += int(scored.sum())
+        nlls.append(torch.where(scored, nll, 0.0).double().sum(1).cpu())
+        counts.append(scored.sum(1).cpu())
+    return torch.cat(nlls), torch.cat(counts)
+
+
+def perplexity_from(nll: Tensor, counts: Tensor, name: str) -> float:
+    """Token-weighted perplexity exp(Σ nll / Σ tokens) of per-sequence sums (`sequence_nll`)."""
+    total_nll, total_tokens = float(nll.sum()), int(counts.sum())
     if total_tokens == 0:
-        raise TextError(f"no scored tokens in {batch.name!r}")
+        raise TextError(f"no scored tokens in {name!r}")
     if not math.isfinite(total_nll):
         raise EvaluationError(
-            f"the model's loss on {batch.name!r} is not finite (NaN or inf logits): its weights or plan are corrupt"
+            f"the model's loss on {name!r} is not finite (NaN or inf logits): its weights or plan are corrupt"
         )
     return math.exp(total_nll / total_tokens)
+
+
+def perplexity(model: nn.Module, batch: TokenBatch, batch_size: int = 8, progress: bool = False) -> float:
+    """Token-weighted perplexity; tokens with batch.scored False (if given) are context only."""
+    return perplexity_from(*sequence_nll(model, batch, batch_size, progress), batch.name)
+
+
+def perplexity_interval(nll: Tensor, counts: Tensor, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the token-weighted perplexity by a bootstrap over sequences (the sequences,
+    not the tokens, are the independent samples), percentile method, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, nll.shape[0], (resamples, nll.shape[0]), generator=g)  # (R, N)
+    values = torch.exp(nll.double()[idx].sum(1) / counts.double()[idx].sum(1).clamp_min(1))  # (R,)
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype)).tolist()
+    return lo, hi
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
-"""SNIP-style static expert importance (a benchmark study: the static rows of quality_grid.py): a first-order (Taylor) estimate of how much the loss
-changes when an expert is replaced by its representative, averaged over calibration text.
+"""SNIP-style static expert importance: a first-order (Taylor) estimate of how much the LM loss
+changes when an expert is replaced by its representative, averaged over calibration text (the
+static-selection baseline of `moefy compare` and benchmarks/quality_grid.py; Lee et al., "SNIP",
+ICLR 2019, score |weight × gradient|, here per expert).
 
 For token t and expert e, dropping e changes the FFN output by −(v_e − m_e); to first order
 the loss changes by −⟨g_t, v_e(x_t) − m_e⟩ with g_t = ∂L/∂y_t. Since
 v_e − m_e = (a_e − r_e) W_out[e], the inner product is Σ_{j∈e} (a_tj − r_j) (g_t W_out[e]ᵀ)_j.
-importance_e = mean_t |that|  (SNIP: |weight × gradient|, here per expert).
+importance_e = mean_t |that|.
 """
 
 from __future__ import annotations

@@ -13,8 +13,13 @@ selects and sums.
 
 Selection modes: `router` (a trained scorer, top-k or dynamic-k), `oracle` (exact residual
 norms ‖(a_e − r_e) W_down[:, e]ᵀ‖ — full cost, the upper bound), `static` (one fixed expert
-set per layer, ranked by `importance`), `all` (every expert: reproduces the dense FFN).
-Experts 0..num_shared-1 are shared: always selected, counted in k.
+set per layer, ranked by `importance`), `random` (k routed experts drawn uniformly per token, from
+a generator reseeded whenever the selection is set: a baseline), `all` (every expert: reproduces
+the dense FFN). Experts 0..num_shared-1 are shared: always selected, counted in k.
+
+`zero_representatives` (a baseline: standard MoEfication) makes every unselected expert count as 0
+instead of its static vector: r is read as 0 everywhere (static vectors, the fused kernel, the
+oracle) while the trained r stays in the module, so switching back restores the model.
 
 The router is injected: a `moefy.routers.ExpertRouter` (the `moefy.layers.Router` contract) that
 returns a `RouterOutput` over the routed experts; the layer keeps the last one in `last_routing`
@@ -62,6 +67,8 @@ class MoEFFN(nn.Module):
         kernel: str = "auto",
         compensation: Tensor | None = None,  # (D,) learned vector added on the sparse path
         lowrank: tuple[Tensor, Tensor] | None = None,  # (A (r, D), B (D, r)): learned path B A x
+        zero_representatives: bool = False,  # unselected experts count as 0 (standard MoEfication)
+        seed: int = 0,  # of the `random` selection's generator
     ) -> None:
         super().__init__()
         e, s, d = experts.w_out.shape
@@ -87,13 +94,19 @@ class MoEFFN(nn.Module):
         self.num_shared = num_shared
         self.kernel_name = kernel
         self.tau: float | None = None
-        self.configure(top_k=top_k, selection=selection, tau=tau)
+        self.zero_representatives = False
+        self.seed = seed
+        self._rng = torch.Generator()
+        self.configure(top_k=top_k, selection=selection, tau=tau, zero_representatives=zero_representatives)
         self.reset_counters()
 
     # ---- configuration -------------------------------------------------------------------
-    def configure(self, *, top_k: int | None = None, selection: str | None = None, tau: object = _KEEP) -> None:
-        """Change k, the selection mode or dynamic-k τ (None: fixed k) at run time (no re-conversion
-        needed); settings not given are kept."""
+    def configure(
+        self, *, top_k: int | None = None, selection: str | None = None, tau: object = _KEEP,
+        zero_representatives: bool | None = None,
+    ) -> None:
+        """Change k, the selection mode, dynamic-k τ (None: fixed k) or zero representatives at run
+        time (no re-conversion needed); settings not given are kept."""
         if top_k is not None:
             if not self.num_shared <= top_k <= self.num_experts or top_k < 1:
                 raise InvalidArgumentError(
@@ -106,6 +119,11 @@ class MoEFFN(nn.Module):
             if selection == "router" and self.router is None:
                 raise InvalidArgumentError("selection 'router' needs a trained router; this layer has none")
             self.selection = selection
+            if selection == "random":
+                self._rng.manual_seed(self.seed)
+        if zero_representatives is not None and zero_representatives != self.zero_representatives:
+            self.zero_representatives = bool(zero_representatives)
+            self.refresh_static()
         if tau is not _KEEP:
             if tau is not None and not (isinstance(tau, int | float) and 0.0 < tau <= 1.0):
                 raise InvalidArgumentError(f"tau={tau} must be in (0, 1] (or None for a fixed k)")
@@ -150,21 +168,27 @@ class MoEFFN(nn.Module):
     def expert_weights(self) -> ExpertWeights:
         return ExpertWeights(w_in=self.w_in, w_out=self.w_out, act=self.act, gated=self.gated, b_in=self.b_in)
 
+    def active_representatives(self) -> Tensor:
+        """The r an unselected expert stands at: the trained r, or zeros under `zero_representatives`. (E, S)"""
+        if self.__dict__.get("zero_representatives"):
+            return torch.zeros_like(self.representatives)
+        return self.representatives
+
     def static_vectors(self) -> Tensor:
         """m_e = r_e W_out[e]: (E, D). Cached; recomputed live while r is being trained."""
-        if self.representatives.requires_grad:
+        if self.representatives.requires_grad and not self.zero_representatives:
             return torch.einsum("es,esd->ed", self.representatives, self.w_out)
         return self.static
 
     @torch.no_grad()
     def refresh_static(self) -> None:
         """Recompute the cached static embeddings (after r or the weights changed)."""
-        self.static = torch.einsum("es,esd->ed", self.representatives, self.w_out)
+        self.static = torch.einsum("es,esd->ed", self.active_representatives(), self.w_out)
 
     # ---- selection ------------------------------------------------------------------------
     def oracle_scores(self, x: Tensor) -> Tensor:
         """Exact residual norms ‖(a_e(x) − r_e) W_out[e]‖ for every expert: (T, E). Full cost."""
-        u = self.expert_weights.all_activations(x) - self.representatives  # (T, E, S)
+        u = self.expert_weights.all_activations(x) - self.active_representatives()  # (T, E, S)
         gram = torch.einsum("esd,erd->esr", self.w_out, self.w_out)  # (E, S, S)
         return torch.einsum("tes,esr,ter->te", u, gram, u).clamp_min(0).sqrt()
 
@@ -198,7 +222,12 @@ class MoEFFN(nn.Module):
             assert self.router is not None
             return self.with_shared(self.router(x).idx)
         ns = self.num_shared
-        scores = self.importance.to(x.dtype).expand(t, -1) if self.selection == "static" else self.oracle_scores(x)
+        if self.selection == "static":
+            scores = self.importance.to(x.dtype).expand(t, -1)  # (T, E)
+        elif self.selection == "random":
+            scores = torch.rand(t, self.num_experts, generator=self._rng).to(x.device)  # (T, E)
+        else:
+            scores = self.oracle_scores(x)
         return self.with_shared(select_top(scores[:, ns:], self.top_k - ns, self.tau))
 
     # ---- forward --------------------------------------------------------------------------
@@ -253,7 +282,7 @@ class MoEFFN(nn.Module):
         devices or dtypes)."""
         if self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad:
             return None
-        return centred_expert_ffn(x2, self.expert_weights, idx, self.representatives, out_init=total)
+        return centred_expert_ffn(x2, self.expert_weights, idx, self.active_representatives(), out_init=total)
 
     def _static_total(self) -> Tensor:
         """M + b_out = Σ_e m_e + b_out (D,): cached with the tensors it sums (live while r or b_out train)."""

@@ -237,6 +237,7 @@ _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "r
                "mean_abs_centred", "seconds", "compensation", "lowrank_rank"}
 # keys added after format 2 was first written, with the value a plan written before them means
 _LAYER_LEGACY: dict[str, object] = {"compensation": False, "lowrank_rank": 0}
+_RUNTIME_LEGACY: dict[str, object] = {"zero_representatives": False}  # runtime settings added since format 2
 _CONFIG_LEGACY: dict[str, object] = {"distill": False, "distill_steps": 0, "distill_minutes": None, "distill_batch": 2, "distill_lr": 1e-3,
                   "distill_layer_weight": 1.0, "distill_checkpoint_every": 25, "compensation": False, "compensation_rank": 0}
 _BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256", "ffn_fingerprint"}
@@ -258,7 +259,9 @@ def model_settings_sha256(meta: dict) -> str:
     """SHA-256 of the parts of moefy.json that change the model (runtime, and each layer's settings
     but the informational ones), canonically serialised."""
     layers = [{k: v for k, v in layer.items() if k not in _INFORMATIONAL} for layer in meta["layers"]]
-    blob = json.dumps({"runtime": meta["runtime"], "layers": layers}, sort_keys=True, separators=(",", ":"))
+    # a runtime setting at the value a plan written before it means is left out, so those plans still verify
+    runtime = {k: v for k, v in meta["runtime"].items() if k not in _RUNTIME_LEGACY or v != _RUNTIME_LEGACY[k]}
+    blob = json.dumps({"runtime": runtime, "layers": layers}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -337,6 +340,9 @@ def read_metadata(folder: str | Path) -> dict:
     if isinstance(meta["config"], dict):
         for key, value in _CONFIG_LEGACY.items():
             meta["config"].setdefault(key, value)
+    if isinstance(meta["runtime"], dict):
+        for key, value in _RUNTIME_LEGACY.items():
+            meta["runtime"].setdefault(key, value)
     return meta
 
 

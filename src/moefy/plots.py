@@ -316,6 +316,46 @@ def fig_cost(c: CostBreakdown) -> Figure:
     return fig
 
 
+# ---- moefy compare: quality against FFN FLOPs -----------------------------------------------------------
+def fig_compare(payload: dict) -> Figure:
+    """`moefy compare` results (its JSON): per method, relative task performance and the first
+    held-out metric (perplexity, or embedding fidelity for encoders) against measured FFN FLOPs."""
+    from moefy.compare import LABELS, relative_performance
+
+    rows = [r for r in payload["rows"] if r.get("metrics")]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    first = next((m for r in rows for m in r["metrics"] if m["metric"] in ("perplexity", "embedding_fidelity")), None)
+    fig = _figure(11, 4.2)
+    ax_rel, ax_q = fig.subplots(1, 2)
+    methods = [m for m in LABELS if m != "dense" and any(r["method"] == m for r in rows)]
+    for i, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["ffn_flops_fraction"] or 0)
+        x = [100 * (r["ffn_flops_fraction"] or 0) for r in mine]
+        rel = [relative_performance(r, dense) if dense else None for r in mine]
+        if any(v is not None for v in rel):
+            ax_rel.plot(x, [100 * v if v is not None else float("nan") for v in rel], marker="o", color=f"C{i}",
+                        label=LABELS[method])
+        if first is not None:
+            vals = [next((m["value"] for m in r["metrics"] if (m["metric"], m["task"]) == (first["metric"], first["task"])),
+                         float("nan")) for r in mine]
+            ax_q.plot(x, vals, marker="o", color=f"C{i}", label=LABELS[method])
+    ax_rel.axhline(100, color="k", linestyle=":", label="dense")
+    _decorate(ax_rel, "FFN FLOPs (% of dense, router included)", "relative performance (% of dense accuracy)",
+              "task accuracy / dense, mean over tasks")
+    if first is not None:
+        d = next((m["value"] for m in (dense or {}).get("metrics", [])
+                  if (m["metric"], m["task"]) == (first["metric"], first["task"])), None)
+        if d is not None:
+            ax_q.axhline(d, color="k", linestyle=":", label="dense")
+        if first["metric"] == "perplexity":
+            ax_q.set_yscale("log")
+        name = "perplexity" if first["metric"] == "perplexity" else "embedding fidelity"
+        _decorate(ax_q, "FFN FLOPs (% of dense, router included)", f"{first['task']} {name}",
+                  f"held-out {first['task']} {name} (n={first['n']} {first['unit']})")
+    fig.suptitle(f"moefy compare: {payload['spec']['model']}", fontsize=11)
+    return fig
+
+
 # ---- a whole analysis folder -------------------------------------------------------------------------
 @dataclass
 class NamedFigure:

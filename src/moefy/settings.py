@@ -26,7 +26,7 @@ METHODS = ("kmeans", "coactivation", "random", "contiguous")  # expert construct
 REPRESENTATIVES = ("mean", "zero")  # G-MoEfication (mean activation) or MoEfication (zero)
 ROUTER_TARGETS = ("residual", "sq", "mass")  # moefy.routers.expert_targets
 STATIC_RANKINGS = ("importance", "random")  # how `static` selection ranks experts
-SELECTIONS = ("router", "oracle", "static", "all")  # moefy.moe_ffn.MoEFFN selection modes
+SELECTIONS = ("router", "oracle", "static", "random", "all")  # moefy.moe_ffn.MoEFFN selection modes
 KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
 DEFAULT_BUDGET = 0.75  # FFN FLOPs budget of a conversion given neither --top-k nor --budget
@@ -198,9 +198,16 @@ class RuntimeConfig:
         default=None, metadata=_opt("dynamic k: keep experts until this fraction of predicted residual mass (cap: k)")
     )
     selection: str = field(
-        default="router", metadata=_opt("how experts are picked (oracle: exact, full cost, upper bound)", choices=SELECTIONS)
+        default="router", metadata=_opt(
+            "how experts are picked (oracle: exact, full cost, upper bound; static: one fixed set per layer; "
+            "random: uniform per token; baselines)", choices=SELECTIONS,
+        ),
     )
     kernel: str = field(default="auto", metadata=_opt("expert kernel", choices=KERNELS))
+    zero_representatives: bool = field(
+        default=False,
+        metadata=_opt("unselected experts count as 0 instead of their representatives (standard MoEfication; a baseline)"),
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)

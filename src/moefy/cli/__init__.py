@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from moefy import __version__
 from moefy.cli import analysis_commands as analysis
+from moefy.cli import compare_commands as compare
 from moefy.cli import model_commands as models
 from moefy.cli import speed_commands as speed
 from moefy.cli.flags import Parser
@@ -41,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "stats": Command(models.cmd_stats, models.add_stats, "per-layer FFN activation statistics of a dense model"),
     "analyze": Command(analysis.cmd_analyze, analysis.add_analyze, "sparsity, routing, specialisation and cost figures"),
     "report": Command(analysis.cmd_report, analysis.add_report, "self-contained HTML report of a converted folder"),
+    "compare": Command(compare.cmd_compare, compare.add_compare, "the paper's Tables 1-3 in kind: methods x FFN budgets x selection"),
     "models": Command(models.cmd_models, models.add_models, "bundled models and supported families"),
 }
 
