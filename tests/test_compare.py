@@ -213,3 +213,19 @@ def test_embedding_task_accuracy_is_the_nearest_choice(tmp_path: Path) -> None:
         hits += int((c @ q[0]).argmax()) == e.gold
     assert result["acc"] == hits / 12 and result["n"] == 12
     assert result["acc_ci95"][0] <= result["acc"] <= result["acc_ci95"][1]
+
+
+def test_the_report_shows_the_comparison_and_samples(grid, tmp_path: Path) -> None:
+    from moefy.generation import generation_fidelity
+    from moefy.moe_model import MoEModel
+    from moefy.report import GENERATION_FILE, render_html
+
+    out, _ = grid
+    moe = MoEModel.from_pretrained(out / "plan-search")
+    folder = moe.save(tmp_path / "conv")
+    gen = generation_fidelity(moe, prompts=["The history of"], new_tokens=4)
+    (folder / GENERATION_FILE).write_text(json.dumps(gen))
+    page = render_html(folder, tmp_path / "no-analysis", compare=out)
+    assert "Against the baselines (moefy compare)" in page and "Table 3: expert selection" in page
+    assert "Sample outputs, dense vs MoE" in page and "The history of" in page
+    assert page.count("data:image/png;base64,") == 1  # the compare figure

@@ -459,10 +459,12 @@ def _cell(row: dict, dense: dict | None, metric: str, task: str) -> str:
     return text
 
 
-def markdown_table(rows: list[dict], dense: dict | None) -> str:
+def table_cells(rows: list[dict], dense: dict | None) -> tuple[list[str], list[list[str]]]:
+    """(header, cells) of one table: method, budget, k, FFN FLOPs, relative performance, then one
+    column per metric (value, change against dense for perplexity, [95% interval])."""
     cols = _columns([dense] + rows if dense is not None and dense not in rows else rows)
     head = ["method", "budget", "k", "FFN FLOPs", "rel. perf."] + [_header(m, t, rows + ([dense] if dense else [])) for m, t in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         rel = relative_performance(r, dense) if dense is not None else None
         frac = r.get("ffn_flops_fraction")
@@ -472,34 +474,39 @@ def markdown_table(rows: list[dict], dense: dict | None) -> str:
             cells += [r["note"].split(":")[0]] * len(cols)
         else:
             cells += [_cell(r, dense, m, t) for m, t in cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return head, body
+
+
+def markdown_table(rows: list[dict], dense: dict | None) -> str:
+    head, body = table_cells(rows, dense)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body])
+
+
+def tables(payload: dict) -> dict[str, list[dict]]:
+    """The rows of Tables 1/2 and of Table 3, by title."""
+    rows = payload["rows"]
+    return {"Tables 1/2: methods at each FFN budget": [r for r in rows if r["method"] in TABLE_12],
+            "Table 3: expert selection (mean representatives, same experts)":
+                [r for r in rows if r["method"] in TABLE_3 or r["method"] == "dense"]}
+
+
+def settings_line(payload: dict) -> str:
+    spec, env = payload["spec"], payload.get("environment", {})
+    return (f"CPU {env.get('cpu', '?')}, {env.get('torch_threads', '?')} torch threads, torch {env.get('torch', '?')}; "
+            f"{spec['eval_sequences']} windows of 256 tokens per held-out split; task limit {spec['limit'] or 'none'}; "
+            f"{spec['config']['num_experts']} experts, {spec['config']['shared_fraction']:.0%} shared, "
+            f"distillation {spec['config']['distill_steps'] if spec['config']['distill'] else 0} steps. "
+            "Cells: value, change against dense for perplexity, [95% interval]. rel. perf. = mean over tasks of "
+            "accuracy / dense accuracy.")
 
 
 def markdown(payload: dict) -> str:
     """Table 1/2 (methods × budgets) and Table 3 (expert selection), with the settings they ran at."""
-    rows = payload["rows"]
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    spec, env = payload["spec"], payload.get("environment", {})
-    parts = [
-        f"# moefy compare: {spec['model']}",
-        "",
-        f"CPU {env.get('cpu', '?')}, {env.get('torch_threads', '?')} torch threads, torch {env.get('torch', '?')}; "
-        f"{spec['eval_sequences']} windows of 256 tokens per held-out split; task limit {spec['limit'] or 'none'}; "
-        f"{spec['config']['num_experts']} experts, {spec['config']['shared_fraction']:.0%} shared, "
-        f"distillation {spec['config']['distill_steps'] if spec['config']['distill'] else 0} steps. "
-        "Cells: value, change against dense for perplexity, [95% interval]. rel. perf. = mean over tasks of "
-        "accuracy / dense accuracy.",
-        "",
-        "## Tables 1/2: methods at each FFN budget",
-        "",
-        markdown_table([r for r in rows if r["method"] in TABLE_12], dense),
-        "",
-        "## Table 3: expert selection (mean representatives, same experts)",
-        "",
-        markdown_table([r for r in rows if r["method"] in TABLE_3 or r["method"] == "dense"], dense),
-        "",
-    ]
+    dense = next((r for r in payload["rows"] if r["method"] == "dense"), None)
+    parts = [f"# moefy compare: {payload['spec']['model']}", "", settings_line(payload), ""]
+    for title, rows in tables(payload).items():
+        parts += [f"## {title}", "", markdown_table(rows, dense), ""]
     if not payload.get("complete", True):
         parts.append("(incomplete: run the same command again to finish the grid)\n")
     return "\n".join(parts)

@@ -29,6 +29,8 @@ from moefy.plots import NamedFigure, figures_from_folder, png_bytes
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
+GENERATION_FILE = "generation.json"  # generation fidelity, dense vs MoE (`moefy.generation`)
+COMPARE_FILE = "compare.json"  # a `moefy compare` grid (FOLDER/compare.json, or given with --compare)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
@@ -141,6 +143,29 @@ def _config_rows(meta: dict) -> list[list[object]]:
     return rows
 
 
+def _save_generation(folder: Path, converted: MoEModel | None) -> None:
+    """Measure generation fidelity (dense vs MoE greedy continuations) into FOLDER/generation.json."""
+    from moefy.errors import MoefyError
+    from moefy.generation import generation_fidelity
+
+    try:
+        gen = generation_fidelity(converted or MoEModel.from_pretrained(folder))
+    except MoefyError as e:  # e.g. a base model that cannot be loaded here: the report goes on without samples
+        log.warning("no generation samples in the report: %s", e)
+        return
+    (folder / GENERATION_FILE).write_text(json.dumps(gen, indent=2), encoding="utf-8")
+
+
+def _causal(meta: dict) -> bool:
+    from moefy.errors import MoefyError
+    from moefy.specs import spec_for
+
+    try:
+        return spec_for(str(meta.get("base", {}).get("model_type"))).causal
+    except MoefyError:
+        return False
+
+
 def _figure_html(fig: NamedFigure, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (
@@ -150,8 +175,69 @@ def _figure_html(fig: NamedFigure, png: bytes) -> str:
     )
 
 
-def render_html(folder: str | Path, analysis_dir: str | Path | None = None, *, save_figures: bool = True) -> str:
-    """The report page of a conversion folder, from saved results only."""
+def _compare_payload(compare: str | Path | None, folder: Path) -> dict | None:
+    """A `moefy compare` result: the JSON (or the folder holding it) given, else FOLDER/compare.json."""
+    path = Path(compare) if compare is not None else folder / COMPARE_FILE
+    if path.is_dir():
+        path = path / COMPARE_FILE
+    if not path.is_file():
+        if compare is not None:
+            log.warning("%s: no moefy compare results there; the report has no comparison", path)
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON; ignoring it", path)
+        return None
+
+
+def _compare_html(payload: dict) -> str:
+    """The quality-vs-FFN-FLOPs curve over the baselines and the paper's tables (moefy compare)."""
+    from moefy.compare import settings_line, table_cells, tables
+    from moefy.plots import fig_compare
+
+    dense = next((r for r in payload["rows"] if r["method"] == "dense"), None)
+    parts = ["<h2>Against the baselines (moefy compare)</h2>",
+             f"<p class='meta'>{_esc(payload['spec']['model'])}: {_esc(settings_line(payload))}</p>"]
+    fig = NamedFigure("compare", "Quality against FFN FLOPs", "Per method, over the FFN budgets: task accuracy "
+                      "relative to dense, and held-out quality (dotted: dense).", fig_compare(payload))
+    parts.append(_figure_html(fig, png_bytes(fig.figure)))
+    for title, rows in tables(payload).items():
+        head, body = table_cells(rows, dense)
+        parts.append(f"<h3>{_esc(title)}</h3>" + _table(head, body))  # type: ignore[arg-type]
+    return "\n".join(parts)
+
+
+def _generation(folder: Path, evaluation: dict | None) -> dict | None:
+    path = folder / GENERATION_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON; ignoring it", path)
+    return (evaluation or {}).get("generation")
+
+
+def _generation_html(gen: dict) -> str:
+    """Generation fidelity: the summary and greedy samples side by side, dense vs MoE."""
+    s = gen["summary"]
+    rows = [["prompts", s["prompts"]], ["greedy tokens per prompt", s["new_tokens"]],
+            ["identical tokens (share)", s["identical_share"]], ["teacher-forced agreement", s["teacher_forced_agreement"]],
+            ["prompts fully identical", s["fully_identical"]], ["median first divergence (token)", s["median_first_divergence"]]]
+    parts = ["<h2>Sample outputs, dense vs MoE</h2>",
+             f"<p class='meta'>Greedy continuations; reference: {_esc(gen['reference'])}.</p>",
+             _table(["generation fidelity", "value"], rows)]
+    samples = [[x["id"], x["prompt"], x["reference"], x["output"], x["first_divergence"]] for x in gen.get("samples", [])]
+    if samples:
+        parts.append(_table(["prompt id", "prompt", "dense", "MoE", "first divergence"], samples, key_cols=4))
+    return "\n".join(parts)
+
+
+def render_html(
+    folder: str | Path, analysis_dir: str | Path | None = None, *, save_figures: bool = True, compare: str | Path | None = None,
+) -> str:
+    """The report page of a conversion folder, from saved results only; `compare`: a `moefy
+    compare` folder or JSON to show against the baselines (default: FOLDER/compare.json, if any)."""
     folder = Path(folder)
     meta = read_metadata(folder)
     analysis = Path(analysis_dir) if analysis_dir is not None else folder / "analysis"
@@ -170,6 +256,12 @@ def render_html(folder: str | Path, analysis_dir: str | Path | None = None, *, s
     cost = _cost_rows(evaluation, results)
     if cost:
         parts.append(_table(["cost", "dense", "MoE", ""], cost))
+    generation = _generation(folder, evaluation)
+    if generation:
+        parts.append(_generation_html(generation))
+    comparison = _compare_payload(compare, folder)
+    if comparison:
+        parts.append(_compare_html(comparison))
     routing = _routing_rows(results)
     if routing:
         parts.append("<h2>Routing</h2>" + _table(["diagnostic", "value"], routing))
@@ -209,13 +301,17 @@ def write_report(
     options: AnalyzeOptions | None = None,
     converted: MoEModel | None = None,
     out: str | Path | None = None,
+    compare: str | Path | None = None,
 ) -> Path:
-    """Write FOLDER/report.html (or `out`) for a conversion folder; returns its path."""
+    """Write FOLDER/report.html (or `out`) for a conversion folder; returns its path. With
+    `compute`, a causal LM's generation fidelity is measured too (FOLDER/generation.json)."""
     folder = Path(folder)
-    read_metadata(folder)  # a clear error for a folder that is not a conversion
+    meta = read_metadata(folder)  # a clear error for a folder that is not a conversion
     if compute:
         analyze_conversion(folder, options=options, converted=converted, recompute=recompute)
-    page = render_html(folder)
+        if (recompute or not (folder / GENERATION_FILE).is_file()) and _causal(meta):
+            _save_generation(folder, converted)
+    page = render_html(folder, compare=compare)
     target = Path(out) if out is not None else folder / REPORT_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")

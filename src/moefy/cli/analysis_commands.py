@@ -79,6 +79,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--no-compute and --recompute contradict each other; give one")
     path = write_report(
         args.folder, compute=not args.no_compute, recompute=args.recompute, options=_options(args), out=args.out,
+        compare=args.compare,
     )
     print(f"wrote {path}")
     return 0
@@ -106,4 +107,6 @@ def add_report(s: argparse.ArgumentParser) -> None:
     s.add_argument("folder", metavar="DIR", help="converted folder (from `moefy convert` or `moefy run`)")
     s.add_argument("--out", help="HTML file to write (default: DIR/report.html)")
     s.add_argument("--no-compute", action="store_true", help="draw only from saved analyses; never load a model")
+    s.add_argument("--compare", metavar="DIR", help="a `moefy compare` output folder to show against the baselines "
+                   "(default: DIR/compare.json, if any)")
     _common(s)
