@@ -21,6 +21,7 @@ _LAZY = {
     "RuntimeConfig": "moefy.settings",
     "MoEModel": "moefy.moe_model",
     "convert": "moefy.api",
+    "convert_plan": "moefy.api",
     "load": "moefy.api",
     "evaluate_model": "moefy.api",
     "search": "moefy.conversion",

@@ -34,7 +34,7 @@ from moefy.ffn import extract_ffn
 from moefy.flops import dense_ffn_flops, moe_ffn_flops
 from moefy.models import LoadedModel, ffn_width, load_model
 from moefy.moe_model import MoEModel
-from moefy.plan import is_plan_folder
+from moefy.plan import ModelPlan, is_plan_folder
 from moefy.routers import router_flops_per_token
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 from moefy.specs import find_blocks
@@ -158,20 +158,22 @@ def convert(
     dtype: str = "float32",
     device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
+    search_checkpoint_dir: str | Path | None = None,
     progress: bool = False,
 ) -> MoEModel:
     """Load (if needed), search a plan on calibration text, distil it against the dense model
     (`config.distill`), apply it: the whole conversion. `config` defaults to the recommended
     settings; `runtime` to the k the routers were trained for. Calibration: `calibration`
     (tokenised batches), else the files `calibration_text`, else the bundled calibration text.
-    `checkpoint_dir`: where distillation keeps its resumable checkpoint (default: none)."""
+    `checkpoint_dir` / `search_checkpoint_dir`: where distillation / the search keep their
+    resumable checkpoints (default: none). For a model larger than memory see `convert_plan`."""
     config = config or config_for(model if isinstance(model, str) else model.name)
     if isinstance(model, str):
         config.validate_for(ffn_width(model))  # an expert count that cannot fit fails before loading
     loaded = load_model(model, dtype, device) if isinstance(model, str) else model
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
-    plan = search(loaded, batches, config, progress=progress)
+    plan = search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir)
     if config.distill and config.distill_steps > 0:
         from moefy.distill import distill
 
@@ -182,6 +184,43 @@ def convert(
     return MoEModel(loaded=loaded, plan=plan)
 
 
+def convert_plan(
+    model: str | LoadedModel,
+    config: ConvertConfig | None = None,
+    *,
+    stream: bool = False,
+    calibration_text: list[str] | None = None,
+    calibration: list[TokenBatch] | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    search_checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> ModelPlan:
+    """The plan of a conversion (what `moefy convert` saves), as `convert` makes it. With `stream`,
+    for a model larger than memory: its blocks are read one at a time from its safetensors files and
+    the whole model is never loaded (`moefy.streaming`); that is search only, since distillation
+    runs the whole model, so it is skipped (logged; the plan records distill=False)."""
+    if not stream:
+        return convert(model, config, calibration_text=calibration_text, calibration=calibration, dtype=dtype, device=device,
+                       checkpoint_dir=checkpoint_dir, search_checkpoint_dir=search_checkpoint_dir, progress=progress).sync_plan()
+    from moefy.streaming import skeleton, streamed_identity
+
+    if not isinstance(model, str):
+        raise InvalidArgumentError("stream=True reads the model from its files: give its name or folder, not a loaded model")
+    config = config or config_for(model)
+    config.validate_for(ffn_width(model))
+    if config.distill and config.distill_steps > 0:
+        log.warning("--stream: distillation is skipped (its teacher and student are forward passes of the whole model); "
+                    "convert without --stream where the model fits in memory to distil it")
+        config = config.replace(distill=False)
+    loaded, weights = skeleton(model, dtype, device)
+    check_config_for(loaded, config)
+    batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
+    base = streamed_identity(loaded, weights)
+    return search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, base=base, weights=weights)
+
+
 def distill_checkpoint_dir(out: str | Path) -> Path:
     """Where a conversion writing `out` keeps its resumable distillation checkpoint: `OUT.distill`
     beside it (rerun the same command to continue; removed once `out` is saved)."""
@@ -189,10 +228,18 @@ def distill_checkpoint_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".distill")
 
 
-def remove_distill_checkpoint(out: str | Path) -> None:
+def search_checkpoint_dir(out: str | Path) -> Path:
+    """Where a conversion writing `out` keeps its resumable search checkpoint: `OUT.search` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".search")
+
+
+def remove_checkpoints(out: str | Path) -> None:
+    """Remove the search and distillation checkpoints of a conversion once `out` is saved."""
     import shutil
 
-    shutil.rmtree(distill_checkpoint_dir(out), ignore_errors=True)
+    for folder in (search_checkpoint_dir(out), distill_checkpoint_dir(out)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def flops_table(name: str, *, experts: int | None = None, top_k: int | None = None) -> list[dict]:
@@ -231,6 +278,6 @@ def flops_table(name: str, *, experts: int | None = None, top_k: int | None = No
 
 
 __all__ = [
-    "ConvertConfig", "MoEModel", "RuntimeConfig", "calibration_batches", "convert", "evaluate_model",
+    "ConvertConfig", "MoEModel", "RuntimeConfig", "calibration_batches", "convert", "convert_plan", "evaluate_model",
     "ffn_statistics", "flops_table", "load",
 ]

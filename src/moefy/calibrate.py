@@ -6,17 +6,21 @@ fold what the hook saw into mergeable accumulators, remove the hook, move on. On
 activations are alive at once, so models larger than memory can later be streamed block by
 block, and statistics from several workers merge with `NeuronStats.merge`.
 
-`BlockwiseCalibration` hands each block to a callback *before* computing the next block's
+`calibrate_blockwise` hands each block to a callback *before* computing the next block's
 inputs, so the callback may convert the block and the next block then sees the inputs it will
-really see in the converted model (sequential conversion).
+really see in the converted model (sequential conversion). Where the weights are is a
+`WeightSource`: in memory (nothing to do), or read from safetensors shards one block at a time
+(`moefy.streaming`). A walk can start at any block given the hidden states entering it (a
+resumed search, `moefy.search_checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +33,27 @@ from moefy.text import TokenBatch
 
 log = logging.getLogger(__name__)
 
+
+class WeightSource(Protocol):
+    """Where a calibrated model's weights are while the walk needs them."""
+
+    def embeddings(self) -> AbstractContextManager[object]:
+        """Everything before the first block (embeddings) is loaded inside this context."""
+        ...
+
+    def block(self, index: int, name: str, block: nn.Module) -> AbstractContextManager[object]:
+        """Block `index` is loaded inside this context (and may be freed after it)."""
+        ...
+
+
+class InMemory:
+    """The whole model is in memory already: nothing to load or free."""
+
+    def embeddings(self) -> AbstractContextManager[object]:
+        return nullcontext()
+
+    def block(self, index: int, name: str, block: nn.Module) -> AbstractContextManager[object]:
+        return nullcontext()
 
 
 @dataclass
@@ -183,7 +208,7 @@ def capture_first_block_inputs(model: nn.Module, blocks: list[nn.Module], batche
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if not p.is_meta)  # streamed: the blocks are on "meta"
     try:
         for batch in batches:
             try:
@@ -200,6 +225,7 @@ def _block_output(out: Any) -> Tensor:
 
 
 BlockCallback = Callable[[int, str, nn.Module, LayerCalibration], None]
+OutputsCallback = Callable[[int, list[Tensor]], None]
 
 
 @torch.no_grad()
@@ -214,13 +240,20 @@ def calibrate_blockwise(
     sequential: bool = True,
     keep: bool = True,
     seed: int = 0,
+    weights: WeightSource | None = None,
+    start: int = 0,
+    hidden: list[Tensor] | None = None,
+    on_outputs: OutputsCallback | None = None,
 ) -> list[LayerCalibration]:
     """Walk the blocks in order, collecting each FFN's statistics and input sample.
 
     `on_block(i, name, block, calibration)` runs after block i was calibrated; it may swap the
     block's FFN. With `sequential`, block i is then re-run so that block i+1 is calibrated on
     the outputs of the *converted* block i (the inputs it will see in the converted model).
+    `on_outputs(i, outputs)` then gets those outputs (one (B, L, d) tensor per batch).
     With `keep=False` only the callback sees each LayerCalibration (bounded memory).
+    `weights` loads (and frees) the blocks as the walk reaches them (default: all in memory).
+    `start`, `hidden`: begin at block `start`, whose inputs are `hidden` (a resumed walk).
     """
     if spec.family == "t5":
         from moefy.errors import UnsupportedArchitectureError
@@ -228,28 +261,49 @@ def calibrate_blockwise(
         raise UnsupportedArchitectureError("block-wise calibration of encoder-decoder models (T5) is not supported yet")
     named_blocks = find_blocks(model, spec)
     blocks = [b for _, b in named_blocks]
-    inputs = capture_first_block_inputs(model, blocks, batches)
-    hidden = inputs.hidden
+    weights = weights or InMemory()
     results: list[LayerCalibration] = []
+    if start >= len(blocks):
+        return results
+    with weights.embeddings():
+        inputs = capture_first_block_inputs(model, blocks, batches)
+    if start > 0:  # resumed: the captured arguments (masks, positions) with the saved hidden states
+        assert hidden is not None and len(hidden) == len(inputs.hidden), "a resumed walk needs one hidden state per batch"
+        inputs.hidden = hidden
+    hidden = inputs.hidden
     for i, (name, block) in enumerate(named_blocks):
-        ffn = extract_ffn(block, spec)
-        stats = NeuronStats(ffn.d_ff, eps)
-        reservoir = TokenReservoir(sample_size, ffn.d_model, seed=seed + i)
-        handle = ffn_input_module(block, spec).register_forward_pre_hook(_stats_hook(ffn, stats, reservoir, name))
-        try:
-            outputs = _run_block(block, hidden, inputs)
-        finally:
-            handle.remove()
-        layer = LayerCalibration(index=i, name=name, stats=stats, sample_x=reservoir.rows)
-        log.info("calibrated %s (%d/%d): %d tokens, %d sampled", name, i + 1, len(blocks), stats.count, reservoir.rows.shape[0])
-        if on_block is not None:
-            on_block(i, name, block, layer)
-            if sequential:
-                outputs = _run_block(block, hidden, inputs)
+        if i < start:
+            continue
+        with weights.block(i, name, block):
+            layer, hidden = _calibrate_block(i, name, block, spec, hidden, inputs, sample_size, eps, seed, on_block, sequential)
+        if on_outputs is not None:
+            on_outputs(i, hidden)
         if keep:
             results.append(layer)
-        hidden = outputs
     return results
+
+
+def _calibrate_block(
+    i: int, name: str, block: nn.Module, spec: ArchSpec, hidden: list[Tensor], inputs: BlockInputs, sample_size: int,
+    eps: tuple[float, ...], seed: int, on_block: BlockCallback | None, sequential: bool,
+) -> tuple[LayerCalibration, list[Tensor]]:
+    """Calibrate one block on `hidden`, hand it to `on_block`; returns its calibration and outputs."""
+    ffn = extract_ffn(block, spec)
+    stats = NeuronStats(ffn.d_ff, eps)
+    reservoir = TokenReservoir(sample_size, ffn.d_model, seed=seed + i)
+    handle = ffn_input_module(block, spec).register_forward_pre_hook(_stats_hook(ffn, stats, reservoir, name))
+    try:
+        outputs = _run_block(block, hidden, inputs)
+    finally:
+        handle.remove()
+    layer = LayerCalibration(index=i, name=name, stats=stats, sample_x=reservoir.rows)
+    log.info("calibrated %s (block %d): %d tokens, %d sampled", name, i, stats.count, reservoir.rows.shape[0])
+    del ffn  # a streamed block's weights must be freeable once the walk leaves it
+    if on_block is not None:
+        on_block(i, name, block, layer)
+        if sequential:
+            outputs = _run_block(block, hidden, inputs)
+    return layer, outputs
 
 
 def _stats_hook(ffn: FFNWeights, stats: NeuronStats, reservoir: TokenReservoir, name: str) -> Callable:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moefy.calibrate import LayerCalibration, calibrate_blockwise
-from moefy.errors import CalibrationError, InvalidArgumentError
+from moefy.calibrate import LayerCalibration, WeightSource, calibrate_blockwise
+from moefy.errors import CalibrationError, CheckpointError, InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
 from moefy.flops import FFNShape, compensation_flops, dense_ffn_flops, k_for_budget, moe_ffn_flops
@@ -31,6 +31,7 @@ from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
 from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_fingerprint, ffn_sha256
 from moefy.routers import ExpertRouter, expert_targets, fit_router, router_flops_per_token
+from moefy.search_checkpoint import Resumed, SearchCheckpoint, search_key
 from moefy.settings import ConvertConfig, RuntimeConfig
 from moefy.specs import find_blocks
 from moefy.text import TokenBatch
@@ -194,18 +195,30 @@ def plan_layer(ffn: FFNWeights, calib: LayerCalibration, config: ConvertConfig, 
 
 
 def search(
-    loaded: LoadedModel, calibration: list[TokenBatch], config: ConvertConfig, *, progress: bool = False
+    loaded: LoadedModel,
+    calibration: list[TokenBatch],
+    config: ConvertConfig,
+    *,
+    progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    base: BaseIdentity | None = None,
+    weights: WeightSource | None = None,
 ) -> ModelPlan:
     """Calibrate block by block and plan every FFN. With `config.sequential` each block is applied
-    (with the plan's own runtime) as soon as it is planned; otherwise the model is left dense."""
+    (with the plan's own runtime) as soon as it is planned; otherwise the model is left dense.
+    `checkpoint_dir`: every finished block is saved there and a rerun resumes after the last one
+    (`moefy.search_checkpoint`). `base`, `weights`: the base identity and a `WeightSource` for a
+    model whose blocks are loaded one at a time (`moefy.streaming`; default: the model in memory)."""
     spec = loaded.spec
     blocks = find_blocks(loaded.model, spec)
     top_k = check_config_for(loaded, config)
     _check_calibration(calibration, config)
-    base = base_identity(loaded)
-    layers: list[LayerPlan] = []
-    bar = tqdm(total=len(blocks), desc="converting", unit="layer", disable=not progress)
-    t0 = time.perf_counter()
+    base = base or base_identity(loaded)
+    checkpoint, resumed = _open_checkpoint(checkpoint_dir, loaded, base, config, calibration)
+    layers: list[LayerPlan] = [] if resumed is None else resumed.layers
+    _restore_blocks(loaded, blocks, layers, config)
+    bar = tqdm(total=len(blocks), initial=len(layers), desc="converting", unit="layer", disable=not progress)
+    t0 = time.perf_counter() - (0.0 if resumed is None else resumed.seconds)
 
     def on_block(i: int, name: str, block: nn.Module, calib: LayerCalibration) -> None:
         ffn = extract_ffn(block, spec)
@@ -218,16 +231,41 @@ def search(
         bar.set_postfix_str(f"{name} k={lp.top_k}/{lp.num_experts} recall={recall}")
         bar.update(1)
 
+    def on_outputs(i: int, hidden: list[torch.Tensor]) -> None:
+        if checkpoint is not None:
+            checkpoint.save_block(layers[i], hidden if i + 1 < len(blocks) else None, time.perf_counter() - t0)
+
     try:
         calibrate_blockwise(
             loaded.model, spec, calibration, sample_size=config.sample_size, eps=config.eps,
-            on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed,
+            on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed, weights=weights,
+            start=len(layers), hidden=None if resumed is None else resumed.hidden, on_outputs=on_outputs,
         )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     log.info("searched %d layers in %.1f s", len(layers), seconds)
     return ModelPlan(base=base, config=config, layers=layers, seconds=seconds)
+
+
+def _open_checkpoint(
+    folder: str | Path | None, loaded: LoadedModel, base: BaseIdentity, config: ConvertConfig, calibration: list[TokenBatch]
+) -> tuple[SearchCheckpoint | None, Resumed | None]:
+    if folder is None:
+        return None, None
+    dtype = next(loaded.model.parameters()).dtype
+    checkpoint = SearchCheckpoint(folder, search_key(base, config, calibration, dtype), base)
+    return checkpoint, checkpoint.load()
+
+
+def _restore_blocks(loaded: LoadedModel, blocks: list[tuple[str, nn.Module]], layers: list[LayerPlan], config: ConvertConfig) -> None:
+    """The blocks a resumed search had finished: checked against the model, and (sequential search,
+    model in memory) converted as the interrupted run had left them."""
+    for lp, (name, block) in zip(layers, blocks, strict=False):
+        if lp.block != name:
+            raise CheckpointError(f"the search checkpoint's layer {lp.index} is block {lp.block!r}; the model's is {name!r}")
+        if config.sequential and not any(p.is_meta for p in block.parameters()):  # streamed blocks stay unloaded
+            swap_ffn(block, loaded.spec, build_moe(extract_ffn(block, loaded.spec), lp, RuntimeConfig()))
 
 
 # ---- apply ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -247,7 +248,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _resolve_folder(name: str) -> Path:
+def resolve_folder(name: str) -> Path:
+    """The local folder of a model name: bundled (installed, dequantised once), folder, or HF id."""
     if name in BUNDLED:
         b = BUNDLED[name]
         return _dequantised_gguf_folder(b) if b.gguf_file else _package_dir(b)
@@ -339,23 +341,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     """Load a dense model (eval mode) with its tokenizer and architecture spec, in `dtype`, on `device`."""
     dtype = torch_dtype(dtype)
     dev = torch_device(device)  # checked before any file is read
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    folder = _resolve_folder(name)
+    folder = resolve_folder(name)
     # trust_remote_code=False everywhere: a folder's own Python (config "auto_map") never runs;
     # use_safetensors=True: no pickle is ever unpickled
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UnknownModelError(f"{folder}/config.json is not a usable Hugging Face config: {_first_line(e)}") from None
-    spec = spec_for(config.model_type)  # raises with the supported list
-    if getattr(config, "auto_map", None):
-        log.warning("%s: ignoring the folder's custom code (auto_map); moefy loads the built-in %s classes",
-                    folder, config.model_type)
-    auto = AutoModelForCausalLM if spec.causal and config.model_type != "t5" else AutoModel
+    config = read_config(folder)
     log.info("loading %s (%s) from %s", name, config.model_type, folder)
     try:
-        model = auto.from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+        model = model_class(config).from_pretrained(folder, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise UnknownModelError(
             f"cannot load the weights of {name!r} from {folder} (moefy reads safetensors only): {_first_line(e)}"
@@ -363,11 +355,38 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     model.eval()
     if dev.type != "cpu":
         model.to(dev)  # type: ignore[arg-type]
+    return LoadedModel(model=model, tokenizer=load_tokenizer(folder, name), spec=resolve_spec(model), name=name, source=str(folder))
+
+
+def read_config(folder: Path) -> Any:
+    """The folder's transformers config, of a supported model_type (never running its own code)."""
+    from transformers import AutoConfig
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UnknownModelError(f"{folder}/config.json is not a usable Hugging Face config: {_first_line(e)}") from None
+    spec_for(config.model_type)  # raises with the supported list
+    if getattr(config, "auto_map", None):
+        log.warning("%s: ignoring the folder's custom code (auto_map); moefy loads the built-in %s classes",
+                    folder, config.model_type)
+    return config
+
+
+def model_class(config: Any) -> Any:
+    """The transformers auto class moefy loads a config with: causal LMs with their head, encoders bare."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if spec_for(config.model_type).causal and config.model_type != "t5" else AutoModel
+
+
+def load_tokenizer(folder: Path, name: str) -> object:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UnknownModelError(f"cannot load the tokenizer of {name!r} from {folder}: {_first_line(e)}") from None
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=resolve_spec(model), name=name, source=str(folder))
 
 
 def _first_line(e: BaseException) -> str:

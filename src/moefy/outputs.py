@@ -44,6 +44,25 @@ def atomic_folder(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[P
         raise
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success its file is flushed to disk and replaces
+    `path` (os.replace), on any error it is removed: `path` is always the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def check_writable(out_dir: str | Path, *, overwrite: bool) -> None:
     """Fail early (before a long conversion) if `out_dir` cannot be written."""
     out = Path(out_dir)

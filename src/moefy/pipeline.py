@@ -8,7 +8,13 @@ import logging
 import time
 from pathlib import Path
 
-from moefy.api import convert, distill_checkpoint_dir, evaluate_model, remove_distill_checkpoint
+from moefy.api import (
+    convert,
+    distill_checkpoint_dir,
+    evaluate_model,
+    remove_checkpoints,
+    search_checkpoint_dir,
+)
 from moefy.conversion import check_config_for, ffn_flops_fraction
 from moefy.models import ffn_width, load_model
 from moefy.outputs import check_writable
@@ -40,7 +46,8 @@ def run_main_job(
     log.info("dense evaluation took %.0f s", time.perf_counter() - t0)
     reference = load_model(name, dtype, device) if not loaded.is_causal else None  # encoders: fidelity vs dense
     t0 = time.perf_counter()
-    moe = convert(loaded, config, checkpoint_dir=distill_checkpoint_dir(out), progress=progress)
+    moe = convert(loaded, config, checkpoint_dir=distill_checkpoint_dir(out), search_checkpoint_dir=search_checkpoint_dir(out),
+                  progress=progress)
     plan = moe.plan
     conversion_seconds = time.perf_counter() - t0
     evaluation = evaluate_model(moe, max_sequences=eval_sequences, reference=reference, progress=progress)
@@ -60,7 +67,7 @@ def run_main_job(
     }
     plan.extra["evaluation"] = summary
     moe.save(out, overwrite=overwrite)
-    remove_distill_checkpoint(out)
+    remove_checkpoints(out)
     (Path(out) / "results.json").write_text(json.dumps(summary, indent=2))
     if report:
         from moefy.report import write_report

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,21 +73,27 @@ class BaseIdentity:
         return self.ffn_sha256 == other.ffn_sha256 or fingerprints_match(self.ffn_fingerprint, other.ffn_fingerprint)
 
 
-def ffn_sha256(ffns: list) -> str:
+def ffn_sha256(ffns: Iterable) -> str:
     """sha256 over every FFN's weights (moefy.ffn.FFNWeights), rounded to bf16, in layer order."""
     h = hashlib.sha256()
     for ffn in ffns:
-        for t in (ffn.w_gate, ffn.w_up, ffn.w_down, ffn.b_gate, ffn.b_up, ffn.b_down):
-            if t is not None:
-                h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-            h.update(b"|")
+        ffn_hash_update(h, ffn)
     return h.hexdigest()
 
 
+def ffn_hash_update(h: Any, ffn: Any) -> None:
+    """Fold one FFN into a running `ffn_sha256` (a streamed model hashes one block at a time)."""
+    for t in (ffn.w_gate, ffn.w_up, ffn.w_down, ffn.b_gate, ffn.b_up, ffn.b_down):
+        if t is not None:
+            h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        h.update(b"|")
+
+
+FINGERPRINT_CHUNK = 1 << 20  # weights per slice of the projections (bounded memory)
 FINGERPRINT_TOLERANCE = 0.02  # of each projection's natural scale, √(n Σw²/n) = √Σw²; fp16 rounding moves it ~1e-3
 
 
-def ffn_fingerprint(ffns: list) -> tuple[float, ...]:
+def ffn_fingerprint(ffns: Iterable) -> tuple[float, ...]:
     """Per weight matrix w (n values, float64): Σw², and Σ w·p_j for three fixed ±1 patterns p_j
     (from a seeded generator). Rounding to bf16 or fp16 moves each projection by ~ε√Σw²; another
     model's weights move it by ~√(2Σw²)."""
@@ -97,8 +104,11 @@ def ffn_fingerprint(ffns: list) -> tuple[float, ...]:
                 continue
             w = t.detach().to("cpu", torch.float64).reshape(-1)
             g = torch.Generator().manual_seed(w.numel())
-            signs = torch.randint(0, 2, (3, w.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
-            out += [float(w @ w), *(float(x) for x in signs @ w)]
+            bits = torch.randint(0, 2, (3, w.numel()), generator=g, dtype=torch.int8)  # p_j = 2 bits_j - 1
+            proj = torch.zeros(3, dtype=torch.float64)
+            for i in range(0, w.numel(), FINGERPRINT_CHUNK):  # in slices: float64 signs of a 7B FFN matrix are 1 GB
+                proj += (bits[:, i : i + FINGERPRINT_CHUNK].to(torch.float64) * 2 - 1) @ w[i : i + FINGERPRINT_CHUNK]
+            out += [float(w @ w), *(float(x) for x in proj)]
     return tuple(out)
 
 
@@ -212,7 +222,7 @@ class ModelPlan:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{folder / PLAN_FILE}: cannot be read as safetensors ({e})") from None
         base = meta["base"]
-        layers = [_layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
+        layers = [layer_from(meta_layer, tensors, base, folder) for meta_layer in meta["layers"]]
         try:
             config = ConvertConfig.from_json(_known(meta["config"], ConvertConfig, folder), source=str(folder / CONFIG_FILE),
                                              complete=True)
@@ -377,7 +387,9 @@ def _check_keys(path: Path, where: str, d: object, expected: set[str], unknown_o
         )
 
 
-def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path) -> LayerPlan:
+def layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path) -> LayerPlan:
+    """Layer `meta["index"]` from its metadata and the tensors `layers.{i}.*`, strictly checked
+    (`base`: the base identity's `d_model` and `d_ff`; `folder`: named in the errors)."""
     i = meta["index"]
     where = f"{folder / PLAN_FILE}: layer {i}"
 
@@ -431,4 +443,5 @@ def _layer_from(meta: dict, tensors: dict[str, Tensor], base: dict, folder: Path
     )
 
 
-__all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_fingerprint", "ffn_sha256", "is_plan_folder", "read_metadata"]
+__all__ = ["BaseIdentity", "LayerPlan", "ModelPlan", "ffn_fingerprint", "ffn_hash_update", "ffn_sha256", "is_plan_folder", "layer_from",
+           "read_metadata"]

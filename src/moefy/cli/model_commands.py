@@ -193,20 +193,23 @@ def _config(args: argparse.Namespace) -> ConvertConfig:
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert every FFN of a dense model into an MoE FFN (search a plan on calibration text, apply
     it) and save the plan as an adapter folder: moefy.json + plan.safetensors. The defaults are the
-    recommended settings."""
+    recommended settings. An interrupted conversion resumes when rerun: the search keeps every
+    finished block in OUT.search and distillation its steps in OUT.distill (both removed once OUT
+    is saved)."""
     config = _config(args)  # every setting checked before anything loads
     check_text_files(args.calibration_text, "--calibration-text")
     from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
-    from moefy.api import convert, distill_checkpoint_dir, remove_distill_checkpoint
+    from moefy.api import convert_plan, distill_checkpoint_dir, remove_checkpoints, search_checkpoint_dir
 
     check_device(args)
-    moe = convert(args.model, config, calibration_text=args.calibration_text, dtype=args.dtype, device=args.device,
-                  checkpoint_dir=distill_checkpoint_dir(args.out), progress=True)
-    moe.save(args.out, overwrite=args.overwrite)
-    remove_distill_checkpoint(args.out)
-    _print_plan_summary(moe.plan, args.out)
+    plan = convert_plan(args.model, config, stream=args.stream, calibration_text=args.calibration_text, dtype=args.dtype,
+                        device=args.device, checkpoint_dir=distill_checkpoint_dir(args.out),
+                        search_checkpoint_dir=search_checkpoint_dir(args.out), progress=True)
+    plan.save(args.out, overwrite=args.overwrite)
+    remove_checkpoints(args.out)
+    _print_plan_summary(plan, args.out)
     return 0
 
 
@@ -231,6 +234,9 @@ def add_convert(s: argparse.ArgumentParser) -> None:
     s.add_argument("--calibration-text", action="append", metavar="FILE",
                    help="calibrate on this text (repeatable; default: the bundled English + code calibration text)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read the safetensors weights one block at a time (search only: "
+                   "distillation is skipped)")
     add_dtype(s)
     add_settings(s, ConvertConfig, "search settings (defaults: the recommended ones)")
 
