@@ -67,7 +67,7 @@ LABELS = {
     "gmoefication": "G-MoEfication (mean r, trained router)",
     "moefy": "moefy default (G-MoEfication + distillation)",
     "random": "random selection (mean r)",
-    "static": "SNIP-style static selection (mean r)",
+    "static": "static selection (mean r)",
     "oracle": "oracle selection (upper bound, full cost)",
     "cats": "CATS-style threshold (peer)",
 }
@@ -374,7 +374,7 @@ class _Grid:
 
     @property
     def importance_kind(self) -> str:
-        return "Taylor/SNIP on the LM loss" if self.dense.is_causal else "mean residual norm (calibration)"
+        return "SNIP-style Taylor importance on the LM loss" if self.dense.is_causal else "mean residual norm on calibration text"
 
     def set_static_importance(self, moe: Any) -> None:
         """Decoders: SNIP-style Taylor importance on the LM loss; encoders keep the plan's mean residual norms."""
@@ -468,7 +468,8 @@ def table_cells(rows: list[dict], dense: dict | None) -> tuple[list[str], list[l
     for r in rows:
         rel = relative_performance(r, dense) if dense is not None else None
         frac = r.get("ffn_flops_fraction")
-        cells = [r["label"], f"{r['budget']:.0%}", "-" if r.get("top_k") is None else str(r["top_k"]),
+        label = LABELS[r["method"]] + (f", {r['importance']}" if r.get("importance") else "")
+        cells = [label, f"{r['budget']:.0%}", "-" if r.get("top_k") is None else str(r["top_k"]),
                  "-" if frac is None else f"{frac:.3f}", "-" if rel is None else f"{rel:.1%}"]
         if r.get("note"):
             cells += [r["note"].split(":")[0]] * len(cols)
