@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from moefy.ffn import FFNWeights, extract_ffn, ffn_input_module
 from moefy.settings import DEFAULT_EPS
 from moefy.specs import ArchSpec, find_blocks
 from moefy.text import TokenBatch
+
+if TYPE_CHECKING:
+    from moefy.distributed import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +247,7 @@ def calibrate_blockwise(
     start: int = 0,
     hidden: list[Tensor] | None = None,
     on_outputs: OutputsCallback | None = None,
+    parallel: DataParallel | None = None,
 ) -> list[LayerCalibration]:
     """Walk the blocks in order, collecting each FFN's statistics and input sample.
 
@@ -254,6 +258,8 @@ def calibrate_blockwise(
     With `keep=False` only the callback sees each LayerCalibration (bounded memory).
     `weights` loads (and frees) the blocks as the walk reaches them (default: all in memory).
     `start`, `hidden`: begin at block `start`, whose inputs are `hidden` (a resumed walk).
+    `parallel`: this process runs its share of the batches; statistics and sample are merged
+    (`moefy.distributed`, under torchrun).
     """
     if spec.family == "t5":
         from moefy.errors import UnsupportedArchitectureError
@@ -262,6 +268,8 @@ def calibrate_blockwise(
     named_blocks = find_blocks(model, spec)
     blocks = [b for _, b in named_blocks]
     weights = weights or InMemory()
+    if parallel is not None:
+        batches = parallel.shard(batches)
     results: list[LayerCalibration] = []
     if start >= len(blocks):
         return results
@@ -275,7 +283,9 @@ def calibrate_blockwise(
         if i < start:
             continue
         with weights.block(i, name, block):
-            layer, hidden = _calibrate_block(i, name, block, spec, hidden, inputs, sample_size, eps, seed, on_block, sequential)
+            layer, hidden = _calibrate_block(
+                i, name, block, spec, hidden, inputs, sample_size, eps, seed, on_block, sequential, parallel
+            )
         if on_outputs is not None:
             on_outputs(i, hidden)
         if keep:
@@ -285,17 +295,24 @@ def calibrate_blockwise(
 
 def _calibrate_block(
     i: int, name: str, block: nn.Module, spec: ArchSpec, hidden: list[Tensor], inputs: BlockInputs, sample_size: int,
-    eps: tuple[float, ...], seed: int, on_block: BlockCallback | None, sequential: bool,
+    eps: tuple[float, ...], seed: int, on_block: BlockCallback | None, sequential: bool, parallel: DataParallel | None,
 ) -> tuple[LayerCalibration, list[Tensor]]:
     """Calibrate one block on `hidden`, hand it to `on_block`; returns its calibration and outputs."""
     ffn = extract_ffn(block, spec)
     stats = NeuronStats(ffn.d_ff, eps)
     reservoir = TokenReservoir(sample_size, ffn.d_model, seed=seed + i)
-    handle = ffn_input_module(block, spec).register_forward_pre_hook(_stats_hook(ffn, stats, reservoir, name))
+    seen: list[Tensor] = []  # data parallel: this process's FFN inputs, sampled once all are gathered
+    sample = reservoir.add if parallel is None else seen.append
+    handle = ffn_input_module(block, spec).register_forward_pre_hook(_stats_hook(ffn, stats, sample, name))
     try:
         outputs = _run_block(block, hidden, inputs)
     finally:
         handle.remove()
+    if parallel is not None:
+        stats = parallel.merge_stats(stats)
+        for x in parallel.gather(seen, ffn.d_model):  # every batch's inputs in batch order: the single-process sample
+            reservoir.add(x)
+        del seen
     layer = LayerCalibration(index=i, name=name, stats=stats, sample_x=reservoir.rows)
     log.info("calibrated %s (block %d): %d tokens, %d sampled", name, i, stats.count, reservoir.rows.shape[0])
     del ffn  # a streamed block's weights must be freeable once the walk leaves it
@@ -306,14 +323,14 @@ def _calibrate_block(
     return layer, outputs
 
 
-def _stats_hook(ffn: FFNWeights, stats: NeuronStats, reservoir: TokenReservoir, name: str) -> Callable:
+def _stats_hook(ffn: FFNWeights, stats: NeuronStats, sample: Callable[[Tensor], None], name: str) -> Callable:
     def hook(_mod: nn.Module, args: tuple) -> None:
         x = args[0]
         a = ffn.activation(x)
         if not torch.isfinite(a).all():
             raise CalibrationError(f"non-finite (NaN or inf) FFN activations in layer {name}")
         stats.update(a)
-        reservoir.add(x)
+        sample(x)
 
     return hook
 

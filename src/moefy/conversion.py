@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moefy.calibrate import LayerCalibration, WeightSource, calibrate_blockwise
+from moefy.distributed import DataParallel
 from moefy.errors import CalibrationError, CheckpointError, InvalidArgumentError
 from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
@@ -203,17 +204,22 @@ def search(
     checkpoint_dir: str | Path | None = None,
     base: BaseIdentity | None = None,
     weights: WeightSource | None = None,
+    parallel: DataParallel | None = None,
 ) -> ModelPlan:
     """Calibrate block by block and plan every FFN. With `config.sequential` each block is applied
     (with the plan's own runtime) as soon as it is planned; otherwise the model is left dense.
     `checkpoint_dir`: every finished block is saved there and a rerun resumes after the last one
     (`moefy.search_checkpoint`). `base`, `weights`: the base identity and a `WeightSource` for a
-    model whose blocks are loaded one at a time (`moefy.streaming`; default: the model in memory)."""
+    model whose blocks are loaded one at a time (`moefy.streaming`; default: the model in memory).
+    `parallel`: data-parallel calibration under torchrun (`moefy.distributed`), every process
+    planning the same layers; not with a checkpoint."""
     spec = loaded.spec
     blocks = find_blocks(loaded.model, spec)
     top_k = check_config_for(loaded, config)
     _check_calibration(calibration, config)
     base = base or base_identity(loaded)
+    if parallel is not None and checkpoint_dir is not None:
+        raise InvalidArgumentError("a data-parallel search does not write a search checkpoint; give one or the other")
     checkpoint, resumed = _open_checkpoint(checkpoint_dir, loaded, base, config, calibration)
     layers: list[LayerPlan] = [] if resumed is None else resumed.layers
     _restore_blocks(loaded, blocks, layers, config)
@@ -239,7 +245,7 @@ def search(
         calibrate_blockwise(
             loaded.model, spec, calibration, sample_size=config.sample_size, eps=config.eps,
             on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed, weights=weights,
-            start=len(layers), hidden=None if resumed is None else resumed.hidden, on_outputs=on_outputs,
+            start=len(layers), hidden=None if resumed is None else resumed.hidden, on_outputs=on_outputs, parallel=parallel,
         )
     finally:
         bar.close()

@@ -1,0 +1,36 @@
+"""Data-parallel calibration (`moefy.distributed`): a search run by 2 processes under torchrun
+(gloo) makes the single-process plan, up to float64 summation order in the statistics: equal
+permutations, other tensors within rtol 1e-5."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_make_the_single_process_plan(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "distributed_search.py"), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parallel = load_file(str(tmp_path / "parallel" / "plan.safetensors"))
+    single = load_file(str(tmp_path / "single" / "plan.safetensors"))
+    assert parallel.keys() == single.keys()
+    for k, v in single.items():
+        if k.endswith(".perm"):
+            assert torch.equal(parallel[k], v), k
+        else:
+            torch.testing.assert_close(parallel[k], v, rtol=1e-5, atol=1e-6, msg=k)
