@@ -34,3 +34,31 @@ def test_two_processes_make_the_single_process_plan(tmp_path: Path) -> None:
             assert torch.equal(parallel[k], v), k
         else:
             torch.testing.assert_close(parallel[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_cli_convert_under_torchrun_saves_the_single_process_plan(tmp_path: Path) -> None:
+    from moefy.cli import main
+    from tests.test_streaming import sharded_folder
+    from tests.tiny_folders import calibration_text_file
+
+    folder = str(sharded_folder(tmp_path / "llama"))
+    text = calibration_text_file(tmp_path / "calib.txt")
+    flags = ["--no-distill", "--experts", "8", "--top-k", "4", "--shared", "0", "--sample-size", "512", "--router-epochs", "2",
+             "--router-hidden", "16", "--calibration-sequences", "24", "--calibration-text", str(text)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "moefy.cli", "convert", folder, "--out",
+         str(tmp_path / "parallel"), *flags], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1  # rank 0 alone writes and reports
+    assert main(["convert", folder, "--out", str(tmp_path / "single"), *flags]) == 0
+    parallel = load_file(str(tmp_path / "parallel" / "plan.safetensors"))
+    single = load_file(str(tmp_path / "single" / "plan.safetensors"))
+    assert parallel.keys() == single.keys()
+    for k, v in single.items():
+        if k.endswith(".perm"):
+            assert torch.equal(parallel[k], v), k
+        else:
+            torch.testing.assert_close(parallel[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -22,6 +22,7 @@ from moefy.conversion import (
     moe_layers,
     search,
 )
+from moefy.distributed import DataParallel
 from moefy.errors import InvalidArgumentError
 from moefy.evaluate import (
     embedding_fidelity,
@@ -159,6 +160,7 @@ def convert(
     device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
     search_checkpoint_dir: str | Path | None = None,
+    parallel: DataParallel | None = None,
     progress: bool = False,
 ) -> MoEModel:
     """Load (if needed), search a plan on calibration text, distil it against the dense model
@@ -166,14 +168,15 @@ def convert(
     settings; `runtime` to the k the routers were trained for. Calibration: `calibration`
     (tokenised batches), else the files `calibration_text`, else the bundled calibration text.
     `checkpoint_dir` / `search_checkpoint_dir`: where distillation / the search keep their
-    resumable checkpoints (default: none). For a model larger than memory see `convert_plan`."""
+    resumable checkpoints (default: none). `parallel`: data-parallel calibration under torchrun
+    (`moefy.distributed`). For a model larger than memory see `convert_plan`."""
     config = config or config_for(model if isinstance(model, str) else model.name)
     if isinstance(model, str):
         config.validate_for(ffn_width(model))  # an expert count that cannot fit fails before loading
     loaded = load_model(model, dtype, device) if isinstance(model, str) else model
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
-    plan = search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir)
+    plan = search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, parallel=parallel)
     if config.distill and config.distill_steps > 0:
         from moefy.distill import distill
 
@@ -195,6 +198,7 @@ def convert_plan(
     device: str = "cpu",
     checkpoint_dir: str | Path | None = None,
     search_checkpoint_dir: str | Path | None = None,
+    parallel: DataParallel | None = None,
     progress: bool = False,
 ) -> ModelPlan:
     """The plan of a conversion (what `moefy convert` saves), as `convert` makes it. With `stream`,
@@ -203,7 +207,8 @@ def convert_plan(
     runs the whole model, so it is skipped (logged; the plan records distill=False)."""
     if not stream:
         return convert(model, config, calibration_text=calibration_text, calibration=calibration, dtype=dtype, device=device,
-                       checkpoint_dir=checkpoint_dir, search_checkpoint_dir=search_checkpoint_dir, progress=progress).sync_plan()
+                       checkpoint_dir=checkpoint_dir, search_checkpoint_dir=search_checkpoint_dir, parallel=parallel,
+                       progress=progress).sync_plan()
     from moefy.streaming import skeleton, streamed_identity
 
     if not isinstance(model, str):
@@ -218,7 +223,8 @@ def convert_plan(
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
     base = streamed_identity(loaded, weights)
-    return search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, base=base, weights=weights)
+    return search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, base=base, weights=weights,
+                  parallel=parallel)
 
 
 def distill_checkpoint_dir(out: str | Path) -> Path:

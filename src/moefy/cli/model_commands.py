@@ -195,21 +195,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     it) and save the plan as an adapter folder: moefy.json + plan.safetensors. The defaults are the
     recommended settings. An interrupted conversion resumes when rerun: the search keeps every
     finished block in OUT.search and distillation its steps in OUT.distill (both removed once OUT
-    is saved)."""
+    is saved). Under torchrun (e.g. torchrun --nproc-per-node 2 -m moefy.cli convert ...) the
+    calibration is data-parallel and rank 0 saves the plan."""
     config = _config(args)  # every setting checked before anything loads
     check_text_files(args.calibration_text, "--calibration-text")
     from moefy.outputs import check_writable
 
     check_writable(args.out, overwrite=args.overwrite)
+    from moefy import distributed
     from moefy.api import convert_plan, distill_checkpoint_dir, remove_checkpoints, search_checkpoint_dir
 
     check_device(args)
+    parallel = None
+    if distributed.launched():  # torchrun: data-parallel calibration, rank 0 writes; no checkpoints
+        from moefy.models import torch_device
+
+        distributed.init(torch_device(args.device))
+        parallel = distributed.DataParallel()
     plan = convert_plan(args.model, config, stream=args.stream, calibration_text=args.calibration_text, dtype=args.dtype,
-                        device=args.device, checkpoint_dir=distill_checkpoint_dir(args.out),
-                        search_checkpoint_dir=search_checkpoint_dir(args.out), progress=True)
-    plan.save(args.out, overwrite=args.overwrite)
-    remove_checkpoints(args.out)
-    _print_plan_summary(plan, args.out)
+                        device=args.device, checkpoint_dir=None if parallel else distill_checkpoint_dir(args.out),
+                        search_checkpoint_dir=None if parallel else search_checkpoint_dir(args.out), parallel=parallel,
+                        progress=distributed.is_main())
+    if distributed.is_main():
+        plan.save(args.out, overwrite=args.overwrite)
+        remove_checkpoints(args.out)
+        _print_plan_summary(plan, args.out)
     return 0
 
 
