@@ -27,11 +27,13 @@ convert in memory where the model fits to distil it.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -124,6 +126,8 @@ class ShardedWeights:
     def _free(module: nn.Module, keys: list[str]) -> None:
         state = module.state_dict()
         module.load_state_dict({k: torch.empty_like(state[k], device="meta") for k in keys}, strict=False, assign=True)
+        del state
+        return_freed_memory()
 
     # ---- WeightSource ------------------------------------------------------------------------------
     def _outside_blocks(self) -> list[str]:
@@ -158,6 +162,23 @@ class ShardedWeights:
             for path, module in originals.items():  # drop the MoE FFN a sequential search swapped in
                 set_submodule(block, path, module)
             self._free(block, keys)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed with a block back to the system (glibc's malloc_trim). Without it
+    the heap keeps growing by about a block per block on glibc (measured: freed 1–32 MB tensors are
+    not reused), so the resident memory of a streamed search would grow with depth."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def skeleton(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> tuple[LoadedModel, ShardedWeights]:
