@@ -497,7 +497,8 @@ def test_cli_runtime_flags_override_the_saved_runtime_flag_by_flag(tiny_folder: 
     assert main(["eval", str(folder), "--kernel", "torch_decode", "--max-sequences", "2", "--seq-len", "32",
                  "--json", str(out)]) == 0
     runtime = json.loads(out.read_text())["runtime"]
-    assert runtime == {"top_k": None, "budget": None, "tau": 0.9, "selection": "static", "kernel": "torch_decode"}
+    assert runtime == {"top_k": None, "budget": None, "tau": 0.9, "selection": "static", "kernel": "torch_decode",
+                       "zero_representatives": False}
 
 
 def test_cli_runtime_flags_on_a_dense_model_fail_before_loading(capsys) -> None:

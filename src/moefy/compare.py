@@ -41,13 +41,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from moefy.errors import InvalidArgumentError
-from moefy.models import LoadedModel, load_model
 from moefy.settings import ConvertConfig, RuntimeConfig
+
+if TYPE_CHECKING:  # the CLI reads METHODS and DEFAULT_BUDGETS from here: no torch at import
+    from moefy.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,8 @@ def _describe(spec: dict) -> str:
 
 
 def environment() -> dict:
+    import torch
+
     from moefy.bench import cpu_name
 
     return {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -292,9 +294,15 @@ class _Grid:
     def __init__(self, spec: CompareSpec, out: Path, results: Results, progress: bool,
                  on_row: Callable[[dict], None] | None) -> None:
         self.spec, self.out, self.results, self.progress, self.on_row = spec, out, results, progress, on_row
-        self.dense = load_model(spec.model)
+        self.dense = self.fresh_model()
         self.evaluate = Evaluator(self.dense, spec)
         self._batches: list | None = None
+
+    def fresh_model(self) -> LoadedModel:
+        """The dense model, loaded anew (conversion and the CATS peer swap its FFNs in place)."""
+        from moefy.models import load_model
+
+        return load_model(self.spec.model)
 
     @property
     def batches(self) -> list:
@@ -351,7 +359,7 @@ class _Grid:
             log.info("compare: reusing the searched plan in %s", folder)
             return ModelPlan.load(folder)
         config = self.search_config()
-        plan = search(load_model(self.spec.model), self.batches, config, progress=self.progress)
+        plan = search(self.fresh_model(), self.batches, config, progress=self.progress)
         plan.save(folder, overwrite=True)
         return ModelPlan.load(folder)  # what a resumed run reads: the same numbers either way
 
@@ -360,7 +368,7 @@ class _Grid:
         from moefy.moe_model import MoEModel
 
         plan = self.searched_plan()
-        loaded = load_model(self.spec.model)
+        loaded = self.fresh_model()
         apply(loaded, plan, RuntimeConfig())
         moe = MoEModel(loaded=loaded, plan=plan)
         if any(r.method == "static" for r in rows):
@@ -392,7 +400,7 @@ class _Grid:
         from moefy.specs import find_blocks
 
         plan = copy.deepcopy(self.searched_plan())
-        loaded = load_model(self.spec.model)
+        loaded = self.fresh_model()
         config = self.spec.config.replace(budget=row.budget)
         shape = ffn_shape(extract_ffn(find_blocks(loaded.model, loaded.spec)[0][1], loaded.spec))
         k = planned_top_k(shape, config)  # compensation included, as `moefy convert` plans it
@@ -414,7 +422,7 @@ class _Grid:
         samples = [c.sample_x for c in calibrate_blockwise(
             self.dense.model, self.dense.spec, self.batches, sample_size=CATS_SAMPLE_SIZE, sequential=False,
             seed=self.spec.config.seed)]
-        peer = load_model(self.spec.model)
+        peer = self.fresh_model()
         try:
             layers = install_neuron_selection(peer.model, peer.spec, samples, method="cats", budget=row.budget)
         except InvalidArgumentError as e:  # the full gate (or first projection) alone costs more than the budget
