@@ -205,7 +205,7 @@ def test_sequential_search_converts_as_it_goes() -> None:
         (dict(shared_fraction=0.5), "shared experts, not fewer than --top-k 4"),
         (dict(router_epochs=0), "--router-epochs"),
         (dict(tau=1.5), "--tau 1.5"),
-        (dict(selection="best"), "--selection 'best'.*router, oracle, static, all"),
+        (dict(selection="best"), "--selection 'best'.*router, oracle, static, random, all"),
         (dict(kernel="cuda"), "--kernel 'cuda'"),
     ],
 )
