@@ -97,6 +97,19 @@ def test_runtime_is_saved_and_can_be_overridden(tmp_path: Path) -> None:
     torch.testing.assert_close(model_output(full.model, inputs), dense, rtol=1e-4, atol=1e-5)
 
 
+def test_plan_saved_before_later_settings_loads_with_their_old_values(tmp_path: Path) -> None:
+    """A plan written before distillation and calibration mixes existed loads as what it was:
+    undistilled, calibrated on English + code."""
+    moe = convert_tiny(loaded_tiny("llama"))
+    folder = moe.save(tmp_path / "plan")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    for key in ("calibration_mix", "distill", "distill_steps", "compensation"):
+        del meta["config"][key]
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+    old = ModelPlan.load(folder).config
+    assert old.calibration_mix == "english-code" and not old.distill and old.distill_steps == 0 and not old.compensation
+
+
 def test_trained_in_place_parts_are_saved(tmp_path: Path) -> None:
     """save() writes the routers and representatives as the model holds them now (e.g. after
     fine-tuning), not as search left them."""

@@ -10,7 +10,16 @@ import torch
 from moefy import models
 from moefy.errors import MissingDependencyError, TextError, UnknownModelError, UnsupportedArchitectureError
 from moefy.evaluate import embedding_fidelity, paired_texts, retrieval_accuracy
-from moefy.text import bundled_text, read_text_file, sliding_windows
+from moefy.settings import CALIBRATION_MIXES
+from moefy.text import (
+    ALL_DOMAINS,
+    bundled_text,
+    held_out_genre,
+    mix_batches,
+    mix_counts,
+    read_text_file,
+    sliding_windows,
+)
 
 
 @pytest.mark.parametrize("stride", [5, 9, 10])
@@ -36,14 +45,53 @@ def test_sliding_windows_bad_stride() -> None:
 
 
 def test_bundled_splits_exist_and_are_disjoint() -> None:
-    for domain in ("english", "code"):
+    for domain in ALL_DOMAINS:
         cal, ev = bundled_text(domain, "calibration"), bundled_text(domain, "evaluation")
-        assert len(ev) > 40_000 and len(cal) > 100_000
-        if domain == "english":
+        assert len(ev) > 40_000 and len(cal) > 80_000, domain
+        if domain != "code":  # prose: no paragraph is in both splits
             cal_paras, ev_paras = set(cal.split("\n\n")), set(ev.split("\n\n"))
-            assert not (cal_paras & ev_paras)
-    with pytest.raises(TextError, match="domains: english, code"):
+            assert not (cal_paras & ev_paras), domain
+    with pytest.raises(TextError, match="domains: english, code, german"):
         bundled_text("klingon", "evaluation")
+
+
+def test_held_out_genres_are_in_no_calibration_text() -> None:
+    calibration = "\n".join(bundled_text(d, "calibration") for d in ALL_DOMAINS)
+    for genre in ("quotes", "dialog"):
+        texts = held_out_genre(genre)
+        assert len(texts) >= 6
+        for lang, text in texts.items():
+            assert len(text) > 500, (genre, lang)
+            lines = [ln for ln in text.splitlines() if len(ln) > 60]
+            assert not any(ln in calibration for ln in lines[:50]), (genre, lang)
+    with pytest.raises(TextError, match="genres: quotes, dialog"):
+        held_out_genre("poetry")
+
+
+@pytest.mark.parametrize("sequences", [1, 7, 128, 1000])
+def test_mix_counts_follow_the_shares(sequences: int) -> None:
+    for mix in CALIBRATION_MIXES.values():
+        counts = mix_counts(mix, sequences)
+        assert set(counts) == set(mix) and min(counts.values()) >= 1
+        if sequences >= len(mix):
+            assert sum(counts.values()) == sequences
+            total = sum(mix.values())
+            assert all(abs(counts[d] - sequences * w / total) < 1 for d, w in mix.items())
+
+
+def test_mix_batches_use_every_domain_of_the_mix() -> None:
+    class Chars:  # a tokenizer of the real kind's interface: one id per character, no BOS
+        bos_token_id = None
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+            return type("Enc", (), {"input_ids": [ord(c) % 1000 for c in text]})()
+
+    batches = mix_batches(Chars(), "multilingual", 20, 64)
+    names = [b.name for b in batches]
+    assert names == [f"{d}_calibration" for d in CALIBRATION_MIXES["multilingual"]]
+    assert sum(b.input_ids.shape[0] for b in batches) == 20
+    with pytest.raises(TextError, match="mixes: multilingual, english-code"):
+        mix_batches(Chars(), "klingon", 20, 64)
 
 
 def test_text_file_errors(tmp_path) -> None:

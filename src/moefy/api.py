@@ -39,7 +39,7 @@ from moefy.plan import ModelPlan, is_plan_folder
 from moefy.routers import router_flops_per_token
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 from moefy.specs import find_blocks
-from moefy.text import TokenBatch, bundled_text, read_text_file, split_batches, tokenize_text
+from moefy.text import ALL_DOMAINS, TokenBatch, bundled_text, mix_batches, read_text_file, split_batches, tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,12 @@ def _loaded(target: Target) -> LoadedModel:
     return target.loaded if isinstance(target, MoEModel) else target
 
 
-def calibration_batches(loaded: LoadedModel, text_files: list[str] | None, sequences: int, seq_len: int = CALIBRATION_SEQ_LEN) -> list[TokenBatch]:
-    """Calibration text: the user's files, else the bundled English and code calibration splits
-    (half each), in chunks of 8 sequences."""
+def calibration_batches(
+    loaded: LoadedModel, text_files: list[str] | None, sequences: int, seq_len: int = CALIBRATION_SEQ_LEN,
+    mix: str = "multilingual",
+) -> list[TokenBatch]:
+    """Calibration text: the user's files, else the bundled calibration text of `mix`
+    (settings.CALIBRATION_MIXES), in chunks of 8 sequences."""
     context = loaded.context_length
     if context is not None and context < seq_len:
         raise InvalidArgumentError(f"the model's context is {context} tokens, shorter than the {seq_len}-token calibration windows")
@@ -72,11 +75,7 @@ def calibration_batches(loaded: LoadedModel, text_files: list[str] | None, seque
         text = "\n\n".join(read_text_file(f) for f in text_files)
         batches = [tokenize_text(text, loaded.tokenizer, seq_len, sequences, name="calibration")]
     else:
-        per = max(1, sequences // 2)
-        batches = [
-            tokenize_text(bundled_text(d, "calibration"), loaded.tokenizer, seq_len, per, name=f"{d}_calibration")
-            for d in ("english", "code")
-        ]
+        batches = mix_batches(loaded.tokenizer, mix, sequences, seq_len)
     return [c for b in batches for c in b.chunks(8)]
 
 
@@ -87,10 +86,12 @@ def evaluate_model(
     seq_len: int = 256,
     max_sequences: int = 40,
     reference: LoadedModel | None = None,
+    domains: tuple[str, ...] = ALL_DOMAINS,
     progress: bool = False,
 ) -> dict:
-    """Quality on each held-out split: perplexity (causal LMs) or embedding fidelity and
-    retrieval accuracy (encoders; fidelity against the dense base model's embeddings)."""
+    """Quality on each held-out split: perplexity (causal LMs; the bundled `domains`: English
+    prose, code and five languages) or embedding fidelity and retrieval accuracy (encoders;
+    fidelity against the dense base model's embeddings)."""
     loaded = _loaded(target)
     model = loaded.model
     context = loaded.context_length
@@ -100,7 +101,7 @@ def evaluate_model(
         m.reset_counters()
     splits = []
     if loaded.is_causal:
-        batches = split_batches(loaded.tokenizer, "evaluation", seq_len, max_sequences, text_files)
+        batches = split_batches(loaded.tokenizer, "evaluation", seq_len, max_sequences, text_files, domains)
         for name, batch in batches.items():
             splits.append({"split": name, "tokens": batch.num_tokens, "perplexity": perplexity(model, batch, progress=progress)})
     else:
@@ -175,8 +176,15 @@ def convert(
         config.validate_for(ffn_width(model))  # an expert count that cannot fit fails before loading
     loaded = load_model(model, dtype, device) if isinstance(model, str) else model
     check_config_for(loaded, config)
-    batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
+    batches = calibration or calibration_batches(
+        loaded, calibration_text, config.calibration_sequences, mix=config.calibration_mix
+    )
     plan = search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, parallel=parallel)
+    if config.adaptive_k and config.top_k is None:
+        from moefy.allocate import adapt_top_k
+
+        apply(loaded, plan, RuntimeConfig())
+        plan.extra["allocation"] = adapt_top_k(loaded, plan, batches, config, progress=progress).summary()
     if config.distill and config.distill_steps > 0:
         from moefy.distill import distill
 
@@ -221,7 +229,9 @@ def convert_plan(
         config = config.replace(distill=False)
     loaded, weights = skeleton(model, dtype, device)
     check_config_for(loaded, config)
-    batches = calibration or calibration_batches(loaded, calibration_text, config.calibration_sequences)
+    batches = calibration or calibration_batches(
+        loaded, calibration_text, config.calibration_sequences, mix=config.calibration_mix
+    )
     base = streamed_identity(loaded, weights)
     return search(loaded, batches, config, progress=progress, checkpoint_dir=search_checkpoint_dir, base=base, weights=weights,
                   parallel=parallel)

@@ -249,7 +249,8 @@ _LAYER_KEYS = {"index", "block", "num_experts", "num_shared", "top_k", "tau", "r
 _LAYER_LEGACY: dict[str, object] = {"compensation": False, "lowrank_rank": 0}
 _RUNTIME_LEGACY: dict[str, object] = {"zero_representatives": False}  # runtime settings added since format 2
 _CONFIG_LEGACY: dict[str, object] = {"distill": False, "distill_steps": 0, "distill_minutes": None, "distill_batch": 2, "distill_lr": 1e-3,
-                  "distill_layer_weight": 1.0, "distill_checkpoint_every": 25, "compensation": False, "compensation_rank": 0}
+                  "distill_layer_weight": 1.0, "distill_checkpoint_every": 25, "compensation": False, "compensation_rank": 0,
+                  "calibration_mix": "english-code", "adaptive_k": False}
 _BASE_KEYS = {"name", "model_type", "num_layers", "d_model", "d_ff", "ffn_sha256", "ffn_fingerprint"}
 
 

@@ -28,6 +28,15 @@ ROUTER_TARGETS = ("residual", "sq", "mass")  # moefy.routers.expert_targets
 STATIC_RANKINGS = ("importance", "random")  # how `static` selection ranks experts
 SELECTIONS = ("router", "oracle", "static", "random", "all")  # moefy.moe_ffn.MoEFFN selection modes
 KERNELS = ("auto", "cpu", "torch_decode", "torch_grouped", "reference")  # moefy.kernels.KERNELS
+CALIBRATION_LANGUAGES = ("german", "french", "spanish", "italian", "portuguese")  # bundled besides english, code
+# Calibration mixes of the bundled text (moefy.text): domain -> share of the calibration sequences.
+# "multilingual" (the default) keeps half the text English prose + code and spreads the rest over
+# five languages, so a conversion does not fit English alone (README "Calibration"); "english-code"
+# is the mix of moefy before it.
+CALIBRATION_MIXES: dict[str, dict[str, float]] = {
+    "multilingual": {"english": 0.25, "code": 0.25, **{lang: 0.1 for lang in CALIBRATION_LANGUAGES}},
+    "english-code": {"english": 0.5, "code": 0.5},
+}
 DEFAULT_EPS = (0.01, 0.03, 0.1, 0.3)  # soft-sparsity thresholds |a| <= eps reported by calibration
 DEFAULT_BUDGET = 0.75  # FFN FLOPs budget of a conversion given neither --top-k nor --budget
 DEFAULT_DISTILL_STEPS = 60  # distillation steps of a default conversion (measured: benchmarks/distill_curve.py)
@@ -76,7 +85,15 @@ class ConvertConfig:
         default=True, metadata=_opt("calibrate block i+1 on the outputs of the converted block i")
     )
     calibration_sequences: int = field(default=128, metadata=_opt("256-token sequences of calibration text"))
+    calibration_mix: str = field(
+        default="multilingual",
+        metadata=_opt("bundled calibration text when no --calibration-text is given", choices=tuple(CALIBRATION_MIXES)),
+    )
     sample_size: int = field(default=32768, metadata=_opt("calibration tokens kept per layer for clustering and routers"))
+    adaptive_k: bool = field(
+        default=False,
+        metadata=_opt("choose each layer's k under the one FFN budget from measured sensitivity (with --budget)"),
+    )
     distill: bool = field(
         default=True,
         metadata=_opt("distil the routers, representatives and compensation against the dense model on the calibration text"),
@@ -121,6 +138,7 @@ class ConvertConfig:
         _choice("--representatives", self.representatives, REPRESENTATIVES)
         _choice("--router-target", self.router_target, ROUTER_TARGETS)
         _choice("--static-ranking", self.static_ranking, STATIC_RANKINGS)
+        _choice("--calibration-mix", self.calibration_mix, tuple(CALIBRATION_MIXES))
         if not 0.0 <= self.shared_fraction < 1.0:
             raise InvalidArgumentError(f"--shared {self.shared_fraction} must be in [0, 1)")
         if self.router_hidden < 0:

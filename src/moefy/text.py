@@ -8,6 +8,7 @@ itself (Llama-3, Mistral, Gemma) or not (SmolLM2).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -17,19 +18,49 @@ import torch
 from torch import Tensor
 
 from moefy.errors import TextError
+from moefy.settings import CALIBRATION_LANGUAGES, CALIBRATION_MIXES
 
 log = logging.getLogger(__name__)
 
-DOMAINS = ("english", "code")
+DOMAINS = ("english", "code")  # the default evaluation splits
+ALL_DOMAINS = DOMAINS + CALIBRATION_LANGUAGES  # the languages: technical prose (Debian Reference)
+# Held-out text in genres no calibration mix contains: quotations (Debian fortune packages, six
+# languages, two of them in no mix) and chat dialog lines (chatterbot corpus).
+HELD_OUT_GENRES = ("quotes", "dialog")
 
 
 def bundled_text(domain: str, purpose: str) -> str:
-    """The bundled text of one domain ('english' | 'code') and purpose ('calibration' | 'evaluation')."""
-    if domain not in DOMAINS or purpose not in ("calibration", "evaluation"):
+    """The bundled text of one domain (see ALL_DOMAINS) and purpose ('calibration' | 'evaluation')."""
+    if domain not in ALL_DOMAINS or purpose not in ("calibration", "evaluation"):
         raise TextError(
-            f"no bundled text {domain!r}/{purpose!r}; domains: {', '.join(DOMAINS)}; purposes: calibration, evaluation"
+            f"no bundled text {domain!r}/{purpose!r}; domains: {', '.join(ALL_DOMAINS)}; purposes: calibration, evaluation"
         )
     return resources.files("moefy.data").joinpath(f"{domain}_{purpose}.txt").read_text(encoding="utf-8")
+
+
+def held_out_genre(genre: str) -> dict[str, str]:
+    """Text per language of a genre that no calibration mix contains ('quotes' | 'dialog')."""
+    files = {"quotes": "quotes.json", "dialog": "multilingual.json"}
+    if genre not in files:
+        raise TextError(f"no held-out genre {genre!r}; genres: {', '.join(HELD_OUT_GENRES)}")
+    doc = json.loads(resources.files("moefy.data").joinpath(files[genre]).read_text(encoding="utf-8"))
+    return {lang: entry["text"] for lang, entry in doc["languages"].items()}
+
+
+def mix_counts(mix: dict[str, float], sequences: int) -> dict[str, int]:
+    """Sequences per domain for `sequences` in total: shares rounded by largest remainder, every
+    domain at least one sequence (so the total may exceed `sequences` when it is tiny)."""
+    total = sum(mix.values())
+    exact = {d: sequences * w / total for d, w in mix.items()}
+    counts = {d: int(v) for d, v in exact.items()}
+    for d in sorted(exact, key=lambda d: counts[d] - exact[d])[: sequences - sum(counts.values())]:
+        counts[d] += 1
+    for d in [d for d, c in counts.items() if c == 0]:  # every domain gets one, from the most over-served
+        donor = max(counts, key=lambda e: (counts[e] - exact[e]) if counts[e] > 1 else -1e9)
+        if counts[donor] > 1:
+            counts[donor] -= 1
+        counts[d] = 1
+    return counts
 
 
 def read_text_file(path: str | Path) -> str:
@@ -174,3 +205,14 @@ def split_batches(
         f"{d}": tokenize_text(bundled_text(d, purpose), tokenizer, seq_len, max_sequences, name=f"{d}_{purpose}")
         for d in domains
     }
+
+
+def mix_batches(tokenizer, mix: str, sequences: int, seq_len: int) -> list[TokenBatch]:
+    """The bundled calibration text of a mix (settings.CALIBRATION_MIXES), one batch per domain,
+    `sequences` in total split by the mix's shares (`mix_counts`)."""
+    if mix not in CALIBRATION_MIXES:
+        raise TextError(f"no calibration mix {mix!r}; mixes: {', '.join(CALIBRATION_MIXES)}")
+    return [
+        tokenize_text(bundled_text(d, "calibration"), tokenizer, seq_len, n, name=f"{d}_calibration")
+        for d, n in mix_counts(CALIBRATION_MIXES[mix], sequences).items()
+    ]

@@ -139,7 +139,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_finetune_args(args.steps, args.lr, args.balance_weight, args.z_weight, args.batch_size)
     converted = MoEModel.from_pretrained(args.checkpoint, base=args.base)
     before = evaluate_model(converted, max_sequences=args.eval_sequences) if args.eval_sequences else None
-    batches = calibration_batches(converted.loaded, args.calibration_text, args.calibration_sequences)
+    batches = calibration_batches(
+        converted.loaded, args.calibration_text, args.calibration_sequences, mix=converted.plan.config.calibration_mix
+    )
     report = finetune_routers(
         converted, batches, steps=args.steps, lr=args.lr, balance_weight=args.balance_weight,
         z_weight=args.z_weight, train_representatives=args.representatives, batch_size=args.batch_size,
