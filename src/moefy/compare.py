@@ -502,7 +502,8 @@ def tables(payload: dict) -> dict[str, list[dict]]:
 
 def settings_line(payload: dict) -> str:
     spec, env = payload["spec"], payload.get("environment", {})
-    return (f"CPU {env.get('cpu', '?')}, {env.get('torch_threads', '?')} torch threads, torch {env.get('torch', '?')}; "
+    threads = env.get("torch_threads", "?")
+    return (f"CPU {env.get('cpu', '?')}, {threads} torch thread{'' if threads == 1 else 's'}, torch {env.get('torch', '?')}; "
             f"{spec['eval_sequences']} windows of 256 tokens per held-out split; task limit {spec['limit'] or 'none'}; "
             f"{spec['config']['num_experts']} experts, {spec['config']['shared_fraction']:.0%} shared, "
             f"distillation {spec['config']['distill_steps'] if spec['config']['distill'] else 0} steps. "
