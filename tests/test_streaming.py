@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from moefy import api
+from moefy import api, streaming
 from moefy.cli import main
 from moefy.conversion import search
 from moefy.errors import UnknownModelError
@@ -90,7 +90,10 @@ def test_only_one_block_is_in_memory(tmp_path: Path) -> None:
     assert not any(isinstance(m, MoEFFN) for m in loaded.model.modules())
 
 
-def test_cli_convert_stream_saves_a_plan_that_loads_onto_the_base(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_convert_stream_saves_a_plan_that_loads_onto_the_base(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streaming, "bound_heap", lambda: None)  # process-wide malloc settings: not in the test process
     folder = str(sharded_folder(tmp_path / "llama"))
     out = tmp_path / "moe"
     text = calibration_text_file(tmp_path / "calib.txt")

@@ -33,9 +33,10 @@ import hashlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -164,21 +165,36 @@ class ShardedWeights:
             self._free(block, keys)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 1 << 20  # bytes: every larger allocation is its own mapping, unmapped when freed
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc() -> Any:
+    """glibc's malloc controls, or None elsewhere (macOS, musl)."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
         return None
 
 
 def return_freed_memory() -> None:
-    """Give the heap memory freed with a block back to the system (glibc's malloc_trim). Without it
-    the heap keeps growing by about a block per block on glibc (measured: freed 1–32 MB tensors are
-    not reused), so the resident memory of a streamed search would grow with depth."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    """Give the heap freed with a block back to the system (glibc's malloc_trim): without it the
+    resident memory of a streamed search grew by about a block per block (measured)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def bound_heap() -> None:
+    """For a process that streams a model: every allocation over 1 MB gets its own mapping, given
+    back when freed (glibc mallopt, process-wide; `moefy convert --stream` calls it). glibc's
+    default keeps freed tensors of up to 32 MB in a heap that fragments, so a streamed search's
+    peak crept up with depth even with `return_freed_memory` after each block."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def skeleton(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> tuple[LoadedModel, ShardedWeights]:
@@ -223,4 +239,4 @@ def streamed_identity(loaded: LoadedModel, weights: ShardedWeights) -> BaseIdent
     )
 
 
-__all__ = ["ShardedWeights", "shard_index", "skeleton", "streamed_identity"]
+__all__ = ["ShardedWeights", "bound_heap", "return_freed_memory", "shard_index", "skeleton", "streamed_identity"]

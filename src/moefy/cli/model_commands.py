@@ -206,6 +206,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from moefy.api import convert_plan, distill_checkpoint_dir, remove_checkpoints, search_checkpoint_dir
 
     check_device(args)
+    if args.stream:
+        from moefy.streaming import bound_heap
+
+        bound_heap()  # this process streams: freed tensors go back to the system at once
     parallel = None
     if distributed.launched():  # torchrun: data-parallel calibration, rank 0 writes; no checkpoints
         from moefy.models import torch_device
