@@ -13,7 +13,7 @@ from moefy.cli.flags import add_settings, settings_from
 from moefy.cli.output import fmt, print_table
 from moefy.settings import ConvertConfig, config_for
 
-SKIPPED_SETTINGS = ("budget", "top_k", "representatives", "static_ranking")  # the grid sets these itself
+SKIPPED_SETTINGS = ("budget", "top_k", "representatives", "static_ranking", "adaptive_k")  # the grid sets these itself (one k per budget)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
