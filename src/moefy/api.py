@@ -223,11 +223,11 @@ def convert_plan(
         raise InvalidArgumentError("stream=True reads the model from its files: give its name or folder, not a loaded model")
     config = config or config_for(model)
     config.validate_for(ffn_width(model))
+    loaded, weights = skeleton(model, dtype, device)  # reads the config and the shard index only
     if config.distill and config.distill_steps > 0:
         log.warning("--stream: distillation is skipped (its teacher and student are forward passes of the whole model); "
                     "convert without --stream where the model fits in memory to distil it")
         config = config.replace(distill=False)
-    loaded, weights = skeleton(model, dtype, device)
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(
         loaded, calibration_text, config.calibration_sequences, mix=config.calibration_mix
