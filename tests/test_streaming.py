@@ -114,3 +114,11 @@ def test_stream_needs_safetensors(tmp_path: Path) -> None:
     tiny_model("llama").config.save_pretrained(folder)
     with pytest.raises(UnknownModelError, match="has no \\*.safetensors"):
         skeleton(str(folder))
+
+
+def test_stream_skips_what_needs_the_whole_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = str(sharded_folder(tmp_path / "llama"))
+    config, _ = tiny_settings(budget=0.9, adaptive_k=True, distill=True)
+    plan = api.convert_plan(folder, config, stream=True, calibration=random_batches(24, 48))
+    assert "distillation is skipped" in caplog.text and "--adaptive-k is skipped" in caplog.text
+    assert plan.config.distill is False and plan.config.adaptive_k is False

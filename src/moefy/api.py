@@ -39,7 +39,15 @@ from moefy.plan import ModelPlan, is_plan_folder
 from moefy.routers import router_flops_per_token
 from moefy.settings import ConvertConfig, RuntimeConfig, config_for
 from moefy.specs import find_blocks
-from moefy.text import ALL_DOMAINS, TokenBatch, bundled_text, mix_batches, read_text_file, split_batches, tokenize_text
+from moefy.text import (
+    ALL_DOMAINS,
+    TokenBatch,
+    bundled_text,
+    mix_batches,
+    read_text_file,
+    split_batches,
+    tokenize_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +236,10 @@ def convert_plan(
         log.warning("--stream: distillation is skipped (its teacher and student are forward passes of the whole model); "
                     "convert without --stream where the model fits in memory to distil it")
         config = config.replace(distill=False)
+    if config.adaptive_k and config.top_k is None:
+        log.warning("--stream: --adaptive-k is skipped (it measures each layer's sensitivity through the whole model); "
+                    "every layer gets the budget's k")
+        config = config.replace(adaptive_k=False)
     check_config_for(loaded, config)
     batches = calibration or calibration_batches(
         loaded, calibration_text, config.calibration_sequences, mix=config.calibration_mix
