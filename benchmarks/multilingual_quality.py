@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.75)
     p.add_argument("--distill-steps", type=int, help="default: the recommended setting")
     p.add_argument("--eval-sequences", type=int, default=16, help="256-token windows per split (at most)")
+    p.add_argument("--plan", action="append", default=[], metavar="MIX=FOLDER",
+                   help="measure an already converted folder as the row of MIX instead of converting (repeatable)")
     p.add_argument("--out", required=True)
     p.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
     args = p.parse_args()
@@ -90,19 +92,26 @@ def main() -> None:
             "model": args.model, "cpu": cpu_name(), "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
             "eval_tokens": {k: b.num_tokens for k, b in batches.items()}, "dense": measure(loaded.model, batches), "rows": [],
         }
+    plans = dict(item.split("=", 1) for item in args.plan)
     for mix in mixes:
         if any(r["mix"] == mix and r["budget"] == args.budget for r in result["rows"]):
             continue
-        base = load_model(args.model)
-        changes: dict = {"budget": args.budget, "calibration_mix": mix}
-        if args.distill_steps is not None:
-            changes["distill_steps"] = args.distill_steps
-        config = moefy.ConvertConfig().replace(**changes)
         t0 = time.perf_counter()
-        moe = moefy.convert(base, config)
+        if mix in plans:
+            moe = moefy.MoEModel.from_pretrained(plans[mix])
+            config, source = moe.plan.config, plans[mix]
+            if config.calibration_mix != mix:
+                p.error(f"--plan {mix}={plans[mix]}: that plan was calibrated on {config.calibration_mix!r}")
+        else:
+            changes: dict = {"budget": args.budget, "calibration_mix": mix}
+            if args.distill_steps is not None:
+                changes["distill_steps"] = args.distill_steps
+            config, source = moefy.ConvertConfig().replace(**changes), "converted here"
+            moe = moefy.convert(load_model(args.model), config)
         seconds = time.perf_counter() - t0
         result["rows"].append({
-            "mix": mix, "budget": args.budget, "distill_steps": config.distill_steps, "convert_seconds": round(seconds, 1),
+            "mix": mix, "budget": args.budget, "source": source, "distill_steps": config.distill_steps,
+            "adaptive_k": config.adaptive_k, "convert_seconds": round(seconds, 1),
             "ffn_flops_fraction": round(ffn_flops_fraction(moe.model), 4), "perplexity": measure(moe.model, batches),
         })
         out.parent.mkdir(parents=True, exist_ok=True)
