@@ -146,3 +146,14 @@ def test_plan_experts_is_a_balanced_permutation(method: str, shared: float) -> N
 def test_plan_experts_refuses_a_count_that_does_not_divide() -> None:
     with pytest.raises(InvalidArgumentError, match="does not divide the FFN width 96"):
         plan_experts(_ffn(96, 8), 7)
+
+
+@pytest.mark.parametrize("epochs", [1, 10])  # 10 steps: OneCycleLR's warm-up ends at step 0 (it divided by zero)
+def test_router_trains_for_any_number_of_steps(epochs: int) -> None:
+    from moefy.routers import fit_router
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    targets = torch.rand(64, 4, generator=g)
+    fit = fit_router(x, targets, 2, hidden=0, epochs=epochs, batch_size=64)
+    assert 0.0 <= fit.recall <= 1.0 and fit.loss == fit.loss

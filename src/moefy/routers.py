@@ -126,7 +126,8 @@ def fit_router(
         label.scatter_add_(1, top, torch.full_like(top, 1.0 / (k * len(ks)), dtype=targets.dtype))
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(train.shape[0] / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    # OneCycleLR divides by pct_start·steps − 1: 0 at exactly 10 steps (a ZeroDivisionError), so shift it there
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1 if steps != 10 else 0.2)
     loss_value = float("nan")
     with torch.enable_grad():
         for _ in range(epochs):
