@@ -58,7 +58,7 @@ def tiny_settings(**kw) -> tuple[ConvertConfig, RuntimeConfig]:
     MLP router, the reference kernel. Keyword arguments go to ConvertConfig, except the runtime-only
     ones (selection, tau, kernel), which go to RuntimeConfig."""
     search = dict(num_experts=8, top_k=4, budget=None, shared_fraction=0.0, sample_size=512, router_epochs=3,
-                  router_hidden=16, sequential=False, distill=False)
+                  router_hidden=16, sequential=False, distill=False, adaptive_k=False)
     runtime = dict(kernel="reference")
     for k, v in kw.items():
         (runtime if k in _RUNTIME_ONLY else search)[k] = v

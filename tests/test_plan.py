@@ -418,22 +418,25 @@ def test_cli_convert_builds_the_plan_of_the_api(tiny_folder: Path, calibration_f
 
 
 def test_a_settings_typo_fails_fast_in_one_line(tmp_path: Path) -> None:
+    """A typo fails before anything heavy is imported (no torch, no transformers: the issue's
+    2-second bound, asserted on what makes it fast rather than on a wall clock)."""
     out = tmp_path / "out"
-    t0 = time.perf_counter()
+    code = (
+        "import sys\nfrom moefy.cli import main\ntry:\n    raise SystemExit(main(sys.argv[1:]))\nfinally:\n"
+        "    print(*[m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "moefy.cli", "convert", "smollm2-135m", "--method", "kmean", "--out", str(out)],
+        [sys.executable, "-c", code, "convert", "smollm2-135m", "--method", "kmean", "--out", str(out)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "MOEFY_CACHE": str(tmp_path / "cache")},
     )
-    elapsed = time.perf_counter() - t0
-    print(f"`moefy convert --method kmean` failed in {elapsed:.2f} s")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "--method" in lines[0] and "kmean" in lines[0] and all(m in lines[0] for m in METHODS)
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == ""  # neither torch nor transformers was imported
     assert list(tmp_path.iterdir()) == []  # nothing written: no output folder, no cache
-    assert elapsed < 2.0  # the issue's bound; measured 0.06 s: no torch or transformers import before the check
 
 
 # ---- the contracts a review of the plan split asked for ------------------------------------------

@@ -59,6 +59,8 @@ def run_main_job(
         "search_seconds": round(plan.seconds, 1),
         "distillation": plan.extra.get("distillation"),
         "top_k": plan.layers[0].top_k,
+        "top_k_per_layer": [lp.top_k for lp in plan.layers],
+        "allocation": plan.extra.get("allocation"),
         "num_experts": config.num_experts,
         "ffn_flops_fraction": round(ffn_flops_fraction(loaded.model), 4),
         "dense": dense["splits"],

@@ -91,7 +91,7 @@ class ConvertConfig:
     )
     sample_size: int = field(default=32768, metadata=_opt("calibration tokens kept per layer for clustering and routers"))
     adaptive_k: bool = field(
-        default=False,
+        default=True,
         metadata=_opt("choose each layer's k under the one FFN budget from measured sensitivity (with --budget)"),
     )
     distill: bool = field(
