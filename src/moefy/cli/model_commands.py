@@ -277,7 +277,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue
             rows.append({"split": d["split"], "metric": key, "dense": d[key], "MoE": m[key], "change": change(d[key], m[key])})
     print_table(rows)
-    print(f"FFN FLOPs {s['ffn_flops_fraction']:.3f} of dense (k={s['top_k']} of {s['num_experts']}), "
+    ks = s.get("top_k_per_layer") or [s["top_k"]]
+    k = f"{min(ks)}-{max(ks)} per layer" if min(ks) != max(ks) else str(ks[0])
+    print(f"FFN FLOPs {s['ffn_flops_fraction']:.3f} of dense (k={k} of {s['num_experts']}), "
           f"conversion {s['conversion_seconds']:.0f} s; saved {s['out']}")
     if s.get("report"):
         print(f"report: {s['report']}")
