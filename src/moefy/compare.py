@@ -309,7 +309,9 @@ class _Grid:
         from moefy.api import calibration_batches
 
         if self._batches is None:
-            self._batches = calibration_batches(self.dense, None, self.spec.config.calibration_sequences)
+            self._batches = calibration_batches(
+                self.dense, None, self.spec.config.calibration_sequences, mix=self.spec.config.calibration_mix
+            )
         return self._batches
 
     def record(self, row: _Row, target: Any, flops: Callable[[], float], top_k: int | None, **extra: Any) -> None:
