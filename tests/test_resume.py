@@ -69,8 +69,9 @@ def test_a_killed_conversion_resumes_to_the_same_plan(tmp_path: Path) -> None:
     assert not (tmp_path / "moe.search").exists()  # removed once the plan is saved
     a, b = load_file(str(out / "plan.safetensors")), load_file(str(fresh / "plan.safetensors"))
     assert a.keys() == b.keys()
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), k
+    for k, v in a.items():  # integers (permutations) exactly; floats to the last bits: the blocks a
+        # sequential search has converted run the multi-threaded C++ kernel, whose sums may round differently
+        torch.testing.assert_close(v, b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
