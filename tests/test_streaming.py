@@ -47,8 +47,9 @@ def assert_same_plan(a: ModelPlan, b: ModelPlan) -> None:
     for la, lb in zip(a.layers, b.layers, strict=True):
         ta, tb = la.tensors(), lb.tensors()
         assert ta.keys() == tb.keys()
-        for k, v in ta.items():
-            assert torch.equal(v, tb[k]), f"layer {la.index}: {k}"
+        for k, v in ta.items():  # integers (permutations) exactly; floats to the last bits: the blocks a
+            # sequential search has converted run the multi-threaded C++ kernel, whose sums may round differently
+            torch.testing.assert_close(v, tb[k], rtol=1e-5, atol=1e-6, msg=f"layer {la.index}: {k}")
 
 
 @pytest.mark.parametrize(("model_type", "dtype"), [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float16"),
