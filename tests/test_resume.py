@@ -48,7 +48,7 @@ TWO_RUNS = "import sys; from moefy.cli import main; a = sys.argv[1:]; i = a.inde
 
 def _cli(args: list[str], killed: bool = False) -> subprocess.CompletedProcess:
     code = KILLED_CLI if killed else TWO_RUNS
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}  # one thread: bit-reproducible sums
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
