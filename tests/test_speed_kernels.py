@@ -152,7 +152,10 @@ def test_moe_layer_fast_path_equals_general_path(tokens: int, compensation: bool
         for _ in range(2):  # the second call reuses the cached M (and the recorded choice)
             torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-4)
     assert fast.last_routing is not None and slow.last_routing is not None
-    torch.testing.assert_close(fast.last_routing.idx, slow.last_routing.idx)
+    # the same routed sets (the fused decode path and torch.topk order an unsorted top-k differently)
+    torch.testing.assert_close(fast.last_routing.idx.sort(1).values, slow.last_routing.idx.sort(1).values)
+    torch.testing.assert_close(fast.last_routing.logits, slow.last_routing.logits, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast.last_routing.probs, slow.last_routing.probs, rtol=1e-5, atol=1e-5)
     assert fast.experts_selected == slow.experts_selected == 2 * 2 * tokens * 6
     with torch.no_grad():  # M follows the representatives after refresh_static()
         fast.representatives.mul_(2.0), slow.representatives.mul_(2.0)
@@ -180,7 +183,7 @@ def test_profile_decode_reports_every_stage() -> None:
         del i
     prompt = tiny_inputs(dense, batch=1, seq=5)["input_ids"]
     r = profile_decode(dense, moe, prompt, new_tokens=4, repeats=1)
-    for key in ("dense_step_ms", "moe_step_ms", "dense_layer_us", "layer_router_us", "layer_select_us",
+    for key in ("dense_step_ms", "moe_step_ms", "dense_layer_us", "layer_fused_us", "layer_router_us", "layer_select_us",
                 "layer_kernel_us", "layer_static_us", "layer_other_us", "layer_total_us"):
         assert key in r, key
     assert r["layers"] == 2 and r["layer_total_us"] > 0
@@ -212,3 +215,113 @@ def test_bench_cli_rejects_inconsistent_flags(argv: list[str], message: str, cap
     finally:
         torch.set_num_threads(threads)
     assert message in capsys.readouterr().err
+
+
+def _routed_layer(*, e: int = 24, s: int = 6, d: int = 40, ns: int = 3, k: int = 9, dtype: torch.dtype = torch.float32,
+                  bias: bool = True, seed: int = 0) -> MoEFFN:
+    """A layer whose linear router has a non-trivial standardisation (x_mean, x_scale) and bias."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = make_weights(e, s, d, gated=True, bias=bias, dtype=dtype, seed=seed)
+    scorer = MLPRouter(d, e - ns, hidden=0)
+    with torch.no_grad():
+        scorer.net.weight.copy_(torch.randn(e - ns, d, generator=gen))
+        scorer.net.bias.copy_(torch.randn(e - ns, generator=gen))
+        scorer.x_mean.copy_(0.1 * torch.randn(d, generator=gen))
+        scorer.x_scale.copy_(1 + 0.2 * torch.rand(d, generator=gen))
+    scorer.to(dtype)
+    return MoEFFN(
+        experts=weights, representatives=(0.1 * torch.randn(e, s, generator=gen)).to(dtype),
+        b_out=torch.randn(d, generator=gen).to(dtype), router=ExpertRouter(scorer, top_k=k - ns), top_k=k,
+        num_shared=ns, compensation=torch.randn(d, generator=gen).to(dtype),
+    ).eval()
+
+
+def _staged(layer: MoEFFN) -> MoEFFN:
+    """The same layer forced onto the staged path (router module, torch top-k, reference kernel)."""
+    slow = copy.deepcopy(layer)
+    slow.kernel_name = "reference"
+    return slow
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("tokens", [1, 2, 8])
+@pytest.mark.parametrize("ns,k", [(3, 9), (0, 5), (3, 24), (0, 1)])
+def test_fused_decode_path_equals_staged_path(isa: str, tokens: int, ns: int, k: int) -> None:
+    """Router, top-k, shared experts, kernel, static term and compensation in one C++ call give the
+    staged path's output and routed sets, on every ISA build; k = every expert and k = 1 included."""
+    layer = _routed_layer(ns=ns, k=k, seed=tokens + k)
+    slow = _staged(layer)
+    x = torch.randn(tokens, 40, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), forced_isa(isa):
+        fused = layer._fused_decode(x)  # called directly: with k = every expert, forward runs dense
+        got = layer(x)
+    with torch.no_grad():
+        ref = slow(x)
+    assert fused is not None, "the fused path did not apply"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    if k == 24:  # every expert: the dense FFN exactly, plus the compensation vector the dense path skips
+        assert layer.compensation is not None
+        torch.testing.assert_close(fused - layer.compensation, ref, rtol=1e-5, atol=1e-4)
+    else:
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-4)
+        assert layer.last_routing is not None and slow.last_routing is not None
+        assert torch.equal(layer.last_routing.idx.sort(1).values, slow.last_routing.idx.sort(1).values)
+        assert layer.experts_selected == 2 * tokens * k  # _fused_decode's call and the forward
+
+
+@needs_cpp
+def test_fused_decode_path_bf16_selects_a_true_top_k() -> None:
+    """bf16: the fused router sums in fp32 (torch's bf16 linear rounds its logits to bf16, so ties may
+    break differently): its selection is a top-k of fp32 logits, and the output equals the
+    reference kernel on that selection."""
+    layer = _routed_layer(dtype=torch.bfloat16, ns=2, k=10, seed=3)
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    routing = layer.last_routing
+    assert routing is not None
+    scorer = layer.router.scorer  # type: ignore[union-attr]
+    z = (x.float() - scorer.x_mean.float()) * scorer.x_scale.float()
+    logits = z @ scorer.net.weight.float().T + scorer.net.bias.float()
+    chosen = logits.gather(1, routing.idx)
+    rest = logits.scatter(1, routing.idx, float("-inf"))
+    assert (chosen.min(1).values >= rest.max(1).values - 1e-3).all()
+    idx = layer.with_shared(routing.idx)
+    ref = _centred_reference(x.float(), as_float(layer.expert_weights), idx, layer.representatives.float())
+    ref = ref + layer.static.float().sum(0) + layer.b_out.float() + layer.compensation.float()  # type: ignore[union-attr]
+    _close(y, ref, torch.bfloat16)
+
+
+@needs_cpp
+def test_fused_decode_path_steps_aside_where_it_does_not_apply() -> None:
+    """Dynamic k, an MLP router, batches, gradients and other kernels take the staged path."""
+    x = torch.randn(1, 40)
+    layer = _routed_layer()
+    with torch.no_grad():
+        assert layer._fused_decode(x) is not None
+        assert layer._fused_decode(torch.randn(dispatch.DECODE_MAX_TOKENS + 1, 40)) is None
+        layer.configure(tau=0.9)
+        assert layer._fused_decode(x) is None
+        layer.configure(tau=None, selection="oracle")
+        assert layer._fused_decode(x) is None
+        layer.configure(selection="router")
+    assert layer._fused_decode(x.requires_grad_()) is None  # gradients wanted
+    mlp = _routed_layer()
+    mlp.router.scorer = MLPRouter(40, 21, hidden=8)  # type: ignore[union-attr]
+    with torch.no_grad():
+        assert mlp._fused_decode(x.detach()) is None
+        torch.testing.assert_close(mlp(x.detach()), _staged(mlp)(x.detach()), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
+def test_fused_decode_op_rejects_bad_shapes() -> None:
+    from moefy.kernels.cpu import cpu_routed_expert_ffn
+
+    layer = _routed_layer()
+    scorer = layer.router.scorer  # type: ignore[union-attr]
+    centre = layer.representatives
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="k_routed"):
+        cpu_routed_expert_ffn(torch.randn(1, 40), layer.expert_weights, scorer.net, None, None, 3, 22, centre)
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="num_shared"):
+        cpu_routed_expert_ffn(torch.randn(1, 40), layer.expert_weights, scorer.net, None, None, 2, 4, centre)

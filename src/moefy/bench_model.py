@@ -84,7 +84,7 @@ def bench_models(
 
 
 # ---- per-layer profile of a decode step ------------------------------------------------------------
-PROFILE_STAGES = ("router", "select", "kernel", "static", "other")
+PROFILE_STAGES = ("fused", "router", "select", "kernel", "static", "other")
 
 
 class _StageClock:
@@ -164,7 +164,7 @@ class _StageClock:
 
 
 # MoEFFN methods timed as stages (the router is timed by hooks)
-_WRAPPED = (("_join_shared", "select"), ("_centred_experts", "kernel"), ("_static_total", "static"),
+_WRAPPED = (("_fused_decode", "fused"), ("_join_shared", "select"), ("_centred_experts", "kernel"), ("_static_total", "static"),
             ("add_compensation", "static"))
 
 
@@ -176,7 +176,9 @@ def profile_decode(
     """Where a greedy decode step's time goes, dense vs MoE (one-token forward calls only; medians
     over repeats, dense and MoE interleaved).
 
-    Per MoE layer (µs): router (scorer, top-k, routing output), select (shared experts joined to
+    Per MoE layer (µs): fused (the one-call decode path: router, top-k, shared experts, kernel,
+    static term and compensation vector together, where it applies), router (scorer, top-k, routing
+    output), select (shared experts joined to
     the routed ones), kernel (the experts, static term folded in), static (M, compensation),
     other (what remains of the layer: Python, bias, counters), total; `dense_layer_us` is the dense
     FFN's. Per step (ms): the model's forward, its FFN layers, and the rest (attention, norms,

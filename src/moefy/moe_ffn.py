@@ -31,8 +31,11 @@ router. The expert kernel is injected by name from the `moefy.kernels` registry.
 Inference on the CPU with the `auto`/`cpu` kernel takes one fused call for the experts and the
 static term together, M + b_out + Σ_{e∈S} (a_e − r_e) W_out[e] (`moefy.kernels.dispatch.
 centred_expert_ffn`, which for batches may run dense GEMMs instead when they measured faster);
-M + b_out is cached with the tensors it sums. Training, other kernels and devices take the general
-path (kernel, then Σ g_e m_e by embedding_bag); both give the same output up to rounding.
+M + b_out is cached with the tensors it sums. Decoding (a few tokens) with a linear router and a
+fixed k goes further: router, top-k, shared experts, kernel, static term and compensation vector
+are one C++ call (`moefy.kernels.cpu.cpu_routed_expert_ffn`); `last_routing` is then built from
+its logits only when read. Training, other kernels and devices take the general path (kernel, then
+Σ g_e m_e by embedding_bag); all give the same output up to rounding.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from torch import Tensor, nn
 from moefy.errors import InvalidArgumentError
 from moefy.flops import compensation_flops
 from moefy.kernels import ExpertWeights, get_kernel
-from moefy.kernels.dispatch import centred_expert_ffn
+from moefy.kernels.cpu import cpu_routed_expert_ffn
+from moefy.kernels.dispatch import DECODE_MAX_TOKENS, centred_expert_ffn
 from moefy.layers.routers import RouterOutput
 from moefy.routers import ExpertRouter, select_top
 from moefy.settings import SELECTIONS
@@ -85,7 +89,7 @@ class MoEFFN(nn.Module):
         self.act = experts.act
         self.gated = experts.gated
         self.router = router
-        self.last_routing: RouterOutput | None = None  # the router's output in the latest forward
+        self.last_routing = None  # the router's output in the latest forward
         self.perm: Tensor | None = None  # (h,) the plan's neuron permutation this layer was built from
         self.register_buffer("importance", torch.zeros(e) if importance is None else importance.clone())
         self.register_buffer("static", torch.empty(0), persistent=False)  # (E, D) m_e cache
@@ -247,12 +251,16 @@ class MoEFFN(nn.Module):
                 self.tokens_seen += x2.shape[0]
                 self.experts_selected += x2.shape[0] * self.num_experts
             return self.dense_forward(x2).reshape(shape)
+        if not self.training:
+            fused = self._fused_decode(x2)
+            if fused is not None:
+                return fused.reshape(shape)
         scale = None  # (T, K) the router's straight-through gates while training, else none (= 1)
         fixed_k = self._fixed_k()
         if self.selection == "router":
             assert self.router is not None
             routing = self.router(x2)
-            vars(self)["last_routing"] = routing  # a plain attribute (skips nn.Module.__setattr__'s checks)
+            vars(self)["_routing"] = routing  # a plain attribute (skips nn.Module.__setattr__'s checks)
             idx = self._join_shared(routing.idx, no_empty=fixed_k)  # (T, K)
             if routing.weights.requires_grad:
                 scale = torch.cat([routing.weights.new_ones(x2.shape[0], self.num_shared), routing.weights], dim=1)
@@ -276,6 +284,57 @@ class MoEFFN(nn.Module):
             counters["experts_selected"] += idx.numel() if fixed_k else int((idx >= 0).sum())
         return y.reshape(shape)
 
+    @property
+    def last_routing(self) -> RouterOutput | None:
+        """The router's output in the latest forward (for the losses of fine-tuning). After the fused
+        decode path it is built from that call's logits on first access."""
+        raw = self.__dict__.get("_routing")
+        if raw is None or isinstance(raw, RouterOutput):
+            return raw
+        logits32, idx = raw  # (T, R) fp32, (T, K) layer ids
+        routed = idx[:, self.num_shared :] - self.num_shared
+        logits = logits32.to(self.w_in.dtype)
+        out = RouterOutput(idx=routed, weights=torch.ones(routed.shape, dtype=logits.dtype), logits=logits,
+                           probs=torch.softmax(logits32, dim=-1))
+        self.__dict__["_routing"] = out
+        return out
+
+    @last_routing.setter
+    def last_routing(self, value: RouterOutput | None) -> None:
+        self.__dict__["_routing"] = value
+
+    def _fused_decode(self, x2: Tensor) -> Tensor | None:
+        """Inference for a few tokens with a linear router and fixed k: y (T, D) from one C++ call
+        (router, top-k, shared experts, kernel, M + b_out + compensation), plus the low-rank path;
+        None where that call does not apply (the caller takes the staged path)."""
+        router = self.router
+        k_routed = self.top_k - self.num_shared
+        if (
+            self.selection != "router" or self.tau is not None or x2.shape[0] > DECODE_MAX_TOKENS or k_routed < 1
+            or self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad
+            or not isinstance(router, ExpertRouter) or router.tau is not None or router.training
+        ):
+            return None
+        scorer = router.scorer
+        if scorer.hidden != 0 or not isinstance(scorer.net, nn.Linear):
+            return None
+        x_mean, x_scale = scorer.x_mean, scorer.x_scale
+        assert isinstance(x_mean, Tensor) and isinstance(x_scale, Tensor)
+        got = cpu_routed_expert_ffn(
+            x2, self.expert_weights, scorer.net, x_mean, x_scale, self.num_shared, k_routed,
+            self.active_representatives(), self._total(with_compensation=True),
+        )
+        if got is None:
+            return None
+        y, idx, logits = got
+        state = vars(self)  # plain attributes: skip nn.Module.__setattr__
+        state["_routing"] = (logits, idx)
+        if self.lowrank_a is not None and self.lowrank_b is not None:
+            y = y + (x2 @ self.lowrank_a.T) @ self.lowrank_b.T
+        state["tokens_seen"] += x2.shape[0]
+        state["experts_selected"] += idx.numel()
+        return y
+
     def _centred_experts(self, x2: Tensor, idx: Tensor, total: Tensor) -> Tensor | None:
         """total + Σ_{e∈S} (a_e(x) − r_e) W_out[e] = total + Σ_{e∈S} (v_e − m_e) by the fused C++
         kernel, or None where it does not apply (gradients, a kernel other than auto/cpu, other
@@ -286,18 +345,28 @@ class MoEFFN(nn.Module):
 
     def _static_total(self) -> Tensor:
         """M + b_out = Σ_e m_e + b_out (D,): cached with the tensors it sums (live while r or b_out train)."""
+        return self._total(with_compensation=False)
+
+    def _total(self, *, with_compensation: bool) -> Tensor:
+        """M + b_out (+ the compensation vector c): (D,), cached with the tensors it sums."""
         static, b_out = self.static_vectors(), self.b_out
-        if static.requires_grad or (b_out is not None and b_out.requires_grad):
-            return static.sum(0) if b_out is None else static.sum(0) + b_out
-        key: list[tuple[Tensor | None, object]] = [
-            (t, None if t.is_inference() else t._version) for t in (static, b_out) if t is not None
-        ]
+        parts = [t for t in (static, b_out, self.compensation if with_compensation else None) if t is not None]
+
+        def total() -> Tensor:
+            y = static.sum(0)
+            for t in parts[1:]:
+                y = y + t
+            return y
+
+        if any(t.requires_grad for t in parts):
+            return total()
+        key: list[tuple[Tensor | None, object]] = [(t, None if t.is_inference() else t._version) for t in parts]
         key.append((None, torch.is_inference_mode_enabled()))  # an inference-mode sum serves inference only
-        cached = self.__dict__.get("_static_total_cache")
+        name = "_total_cache_c" if with_compensation else "_total_cache"
+        cached = self.__dict__.get(name)
         if (
             cached is None or len(cached[0]) != len(key)
             or any(a is not b or u != v for (a, u), (b, v) in zip(cached[0], key, strict=True))
         ):
-            total = static.sum(0) if b_out is None else static.sum(0) + b_out
-            cached = self.__dict__["_static_total_cache"] = (key, total)
+            cached = self.__dict__[name] = (key, total())
         return cached[1]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from moefy.errors import InvalidArgumentError, MoefyError
 from moefy.kernels.cpu_ext import cpu_ops
@@ -189,3 +189,31 @@ def cpu_centred_expert_ffn(
         if "out of range" in str(err):
             raise InvalidArgumentError(str(err).splitlines()[0]) from None
         raise
+
+
+def cpu_routed_expert_ffn(
+    x: Tensor, weights: ExpertWeights, router: nn.Linear, x_mean: Tensor | None, x_scale: Tensor | None,
+    num_shared: int, k_routed: int, centre: Tensor, out_init: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A converted layer's inference step in one C++ call: the linear router on the standardised
+    input, (x − x_mean) ⊙ x_scale, its top `k_routed` routed experts joined after the `num_shared`
+    shared ones, and the centred fused expert kernel (`cpu_centred_expert_ffn`).
+
+    Returns (out (T, D), idx (T, num_shared + k_routed) int64, logits (T, R) fp32), or None where
+    the C++ path does not apply (see `centred_kernel_applies`; also a router that needs gradients or
+    is not a CPU float32/bfloat16 matrix). Sums are fp32, the router's included."""
+    w_r, b_r = router.weight, router.bias
+    if not centred_kernel_applies(x, weights, centre, out_init) or _needs_grad(w_r, b_r, x_mean, x_scale):
+        return None
+    if w_r.device.type != "cpu" or w_r.dtype not in CPU_DTYPES:
+        return None
+    b_in = weights.b_in
+    try:
+        out, idx, logits = cpu_ops().routed_expert_ffn(
+            x.contiguous(), x_mean, x_scale, w_r.contiguous(), b_r, num_shared, k_routed,
+            weights.w_in.contiguous(), None if b_in is None else b_in.contiguous(), weights.w_out.contiguous(),
+            activation_code(weights.act), weights.gated, centre, out_init,
+        )
+    except RuntimeError as err:
+        raise InvalidArgumentError(str(err).splitlines()[0]) from None
+    return out, idx, logits

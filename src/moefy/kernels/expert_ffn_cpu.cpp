@@ -46,12 +46,29 @@ constexpr int64_t L = 16;  // lanes of one vector
 // PF_NEXT_LINES cache lines are requested early (into all cache levels: a non-temporal hint lands
 // in L1 only on Intel, where lines requested far ahead are evicted before use and read twice).
 // PF_DIST > 0 adds in-stream prefetches PF_DIST bytes ahead of each row being read.
+// PF_SHADOW: while a weight block is read, the block of the next work item (the next selected
+// expert, elsewhere in memory) is prefetched line by line at the same offsets, so one block is
+// always in flight; without it each jump to a new expert waits for the prefetcher to re-learn the
+// stream (small experts of a few KB jump often).
 #ifndef PF_NEXT_LINES
 #define PF_NEXT_LINES 16
 #endif
 #ifndef PF_DIST
 #define PF_DIST 0
 #endif
+#ifndef PF_SHADOW
+#define PF_SHADOW 1
+#endif
+
+// Prefetch the line `delta` elements away from p (delta 0: nothing to shadow).
+template <typename W>
+inline void shadow(const W* p, int64_t delta) {
+#if PF_SHADOW
+  if (delta) __builtin_prefetch(p + delta, 0, 3);
+#else
+  (void)p, (void)delta;
+#endif
+}
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -203,7 +220,7 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // RB rows x TB tokens of bf16 dot products, 32 bf16 pairs per instruction.
 template <int RB, int TB>
-inline void dot_tile_bf16(const bf16* const* xs, const bf16* w, int64_t D, float* out) {
+inline void dot_tile_bf16(const bf16* const* xs, const bf16* w, int64_t D, float* out, int64_t pf) {
   __m512 acc[RB][TB];
   for (int rb = 0; rb < RB; ++rb)
     for (int tb = 0; tb < TB; ++tb) acc[rb][tb] = _mm512_setzero_ps();
@@ -212,6 +229,7 @@ inline void dot_tile_bf16(const bf16* const* xs, const bf16* w, int64_t D, float
     __m512i xv[TB];
     for (int tb = 0; tb < TB; ++tb) xv[tb] = _mm512_maskz_loadu_epi16(m, xs[tb] + d);
     for (int rb = 0; rb < RB; ++rb) {
+      shadow(w + rb * D + d, pf);
       __m512i wv = _mm512_maskz_loadu_epi16(m, w + rb * D + d);
       keep_in_register(wv);
       for (int tb = 0; tb < TB; ++tb) acc[rb][tb] = _mm512_dpbf16_ps(acc[rb][tb], as_bh(wv), as_bh(xv[tb]));
@@ -227,10 +245,10 @@ inline void dot_tile_bf16(const bf16* const* xs, const bf16* w, int64_t D, float
 // RB weight rows x TB tokens, accumulated over D; out[rb * TB + tb]. X: float, or bf16 with
 // bf16 weights (only where MOEFY_BF16_DOT).
 template <int RB, int TB, typename X, typename W>
-inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
+inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out, int64_t pf = 0) {
 #if MOEFY_BF16_DOT
   if constexpr (std::is_same_v<X, bf16>) {
-    dot_tile_bf16<RB, TB>(xs, w, D, out);
+    dot_tile_bf16<RB, TB>(xs, w, D, out, pf);
     return;
   } else
 #endif
@@ -246,6 +264,7 @@ inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
 #if PF_DIST
         __builtin_prefetch(reinterpret_cast<const char*>(w + rb * D + d) + PF_DIST, 0, 3);
 #endif
+        if (sizeof(W) == 4 || (d & 31) == 0) shadow(w + rb * D + d, pf);  // one prefetch per 64-byte line
         vf wv = load(w + rb * D + d);
         keep_in_register(wv);
         for (int tb = 0; tb < TB; ++tb) acc[rb][tb] += wv * xv[tb];
@@ -263,18 +282,19 @@ inline void dot_tile(const X* const* xs, const W* w, int64_t D, float* out) {
 }
 
 template <int TB, typename X, typename W>
-inline void dot_rows(const X* const* xs, const W* w, int64_t rows, int64_t D, float* out) {
+inline void dot_rows(const X* const* xs, const W* w, int64_t rows, int64_t D, float* out,
+                     int64_t pf = 0) {
   int64_t r = 0;
   if constexpr (TB > 4) {  // 2 rows x up to 8 tokens: each weight row is reused by twice the tokens
-    for (; r + 2 <= rows; r += 2) dot_tile<2, TB>(xs, w + r * D, D, out + r * TB);
-    if (r < rows) dot_tile<1, TB>(xs, w + r * D, D, out + r * TB);
+    for (; r + 2 <= rows; r += 2) dot_tile<2, TB>(xs, w + r * D, D, out + r * TB, pf);
+    if (r < rows) dot_tile<1, TB>(xs, w + r * D, D, out + r * TB, pf);
     return;
   }
-  for (; r + 4 <= rows; r += 4) dot_tile<4, TB>(xs, w + r * D, D, out + r * TB);
+  for (; r + 4 <= rows; r += 4) dot_tile<4, TB>(xs, w + r * D, D, out + r * TB, pf);
   switch (rows - r) {
-    case 3: dot_tile<3, TB>(xs, w + r * D, D, out + r * TB); break;
-    case 2: dot_tile<2, TB>(xs, w + r * D, D, out + r * TB); break;
-    case 1: dot_tile<1, TB>(xs, w + r * D, D, out + r * TB); break;
+    case 3: dot_tile<3, TB>(xs, w + r * D, D, out + r * TB, pf); break;
+    case 2: dot_tile<2, TB>(xs, w + r * D, D, out + r * TB, pf); break;
+    case 1: dot_tile<1, TB>(xs, w + r * D, D, out + r * TB, pf); break;
     default: break;
   }
 }
@@ -315,8 +335,12 @@ void grouped_in_impl(const X* x, const W* w, const W* bias, const Groups& g, int
     float tile[IN_TB * rows_per_tile];
     for (int64_t i = begin; i < end; ++i) {
       const InItem& it = items[i];
-      if (i + 1 < end && items[i + 1].e != it.e)  // the next expert's block is elsewhere: start it
+      // the next item's block, when it is elsewhere (another expert): start it, then shadow it
+      int64_t pf = 0;
+      if (i + 1 < end && items[i + 1].e != it.e) {
         prefetch_rows(w + (items[i + 1].e * R + items[i + 1].r0) * D, D);
+        pf = ((items[i + 1].e - it.e) * R + (items[i + 1].r0 - it.r0)) * D;
+      }
       const X* xs[IN_TB];
       int64_t slot[IN_TB];
       for (int64_t tb = 0; tb < it.ntok; ++tb) {
@@ -328,15 +352,15 @@ void grouped_in_impl(const X* x, const W* w, const W* bias, const Groups& g, int
         const W* wr = w + (it.e * R + r0) * D;
         switch (it.ntok) {
 #if IN_TB_MAX == 8
-          case 8: dot_rows<8>(xs, wr, rows, D, tile); break;
-          case 7: dot_rows<7>(xs, wr, rows, D, tile); break;
-          case 6: dot_rows<6>(xs, wr, rows, D, tile); break;
-          case 5: dot_rows<5>(xs, wr, rows, D, tile); break;
+          case 8: dot_rows<8>(xs, wr, rows, D, tile, pf); break;
+          case 7: dot_rows<7>(xs, wr, rows, D, tile, pf); break;
+          case 6: dot_rows<6>(xs, wr, rows, D, tile, pf); break;
+          case 5: dot_rows<5>(xs, wr, rows, D, tile, pf); break;
 #endif
-          case 4: dot_rows<4>(xs, wr, rows, D, tile); break;
-          case 3: dot_rows<3>(xs, wr, rows, D, tile); break;
-          case 2: dot_rows<2>(xs, wr, rows, D, tile); break;
-          default: dot_rows<1>(xs, wr, rows, D, tile); break;
+          case 4: dot_rows<4>(xs, wr, rows, D, tile, pf); break;
+          case 3: dot_rows<3>(xs, wr, rows, D, tile, pf); break;
+          case 2: dot_rows<2>(xs, wr, rows, D, tile, pf); break;
+          default: dot_rows<1>(xs, wr, rows, D, tile, pf); break;
         }
         for (int64_t r = 0; r < rows; ++r) {
           const float b = bias ? scalar(bias[it.e * R + r0 + r]) : 0.0f;
@@ -426,7 +450,11 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
       float* acc = p == 0 ? out : part.data() + (p - 1) * T * D;
       for (int64_t i = p * chunk; i < std::min(n_items, (p + 1) * chunk); ++i) {
         const Item& it = items[i];
-        if (i + 1 < n_items && items[i + 1].e != it.e) prefetch_rows(w + (items[i + 1].e * S + items[i + 1].s0) * D, D);
+        int64_t pf = 0;  // as in grouped_in: start the next expert's block, then shadow it
+        if (i + 1 < n_items && items[i + 1].e != it.e) {
+          prefetch_rows(w + (items[i + 1].e * S + items[i + 1].s0) * D, D);
+          pf = ((items[i + 1].e - it.e) * S + (items[i + 1].s0 - it.s0)) * D;
+        }
         for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q) {
           float* o = acc + g.tokens[q] * D;
           const float* c = a + g.arows[q] * S;
@@ -439,6 +467,8 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
 #if PF_DIST
               for (int64_t r = 0; r < 4; ++r) __builtin_prefetch(reinterpret_cast<const char*>(w0 + r * D + d) + PF_DIST, 0, 3);
 #endif
+              if (sizeof(W) == 4 || (d & 31) == 0)
+                for (int64_t r = 0; r < 4; ++r) shadow(w0 + r * D + d, pf);
               store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
                                           (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
             }
@@ -450,7 +480,10 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
             const W* w0 = w + (it.e * S + s) * D;
             const vf c0 = splat(c[s]);
             int64_t d = 0;
-            for (; d + L <= D; d += L) store(o + d, load(o + d) + c0 * load(w0 + d));
+            for (; d + L <= D; d += L) {
+              if (sizeof(W) == 4 || (d & 31) == 0) shadow(w0 + d, pf);
+              store(o + d, load(o + d) + c0 * load(w0 + d));
+            }
             for (; d < D; ++d) o[d] += c[s] * scalar(w0[d]);
           }
         }
@@ -864,6 +897,79 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   return out.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------
+// routed_expert_ffn: a converted layer's whole inference step for a few tokens (decoding), one call:
+//
+//   z = (x − x_mean) ⊙ x_scale;  logits = z W_rᵀ + b_r          (T, R) the linear router, fp32 sums
+//   idx[t] = [0 .. ns−1, ns + top_k_routed(logits[t])]          shared experts first (fixed k)
+//   out = fused_expert_ffn(x, idx, centre, out_init)            as above
+//
+// Replaces about a dozen small torch ops per layer and token (standardise, linear, top-k, joining
+// the shared ids, the dispatch checks). Returns (out (T, D) in x's dtype, idx (T, ns + k) int64,
+// logits (T, R) fp32).
+
+template <typename W>
+void router_logits(const float* z, const W* wr, const float* br, int64_t T, int64_t R, int64_t D, float* logits) {
+  for (int64_t t = 0; t < T; ++t) {  // T is small: one token at a time keeps the code simple; rows are read T times
+    const float* xs[1] = {z + t * D};
+    float* lt = logits + t * R;
+    dot_rows<1>(xs, wr, R, D, lt);
+    if (br)
+      for (int64_t r = 0; r < R; ++r) lt[r] += br[r];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_expert_ffn(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_mean, const std::optional<at::Tensor>& x_scale,
+    const at::Tensor& router_w, const std::optional<at::Tensor>& router_b, int64_t num_shared, int64_t k_routed,
+    const at::Tensor& w_in, const std::optional<at::Tensor>& b_in, const at::Tensor& w_out, int64_t act, bool gated,
+    const std::optional<at::Tensor>& centre, const std::optional<at::Tensor>& out_init) {
+  check_weight(w_out, "w_out");
+  TORCH_CHECK(x.dim() == 2, "x must be (T, D)");
+  const int64_t T = x.size(0), D = x.size(1), E = w_out.size(0);
+  TORCH_CHECK(router_w.dim() == 2 && router_w.size(1) == D && router_w.is_contiguous(),
+              "router_w must be a contiguous (R, ", D, ") matrix");
+  TORCH_CHECK(router_w.scalar_type() == at::kFloat || router_w.scalar_type() == at::kBFloat16,
+              "router_w must be float32 or bfloat16");
+  const int64_t R = router_w.size(0);
+  TORCH_CHECK(num_shared >= 0 && num_shared + R == E, "num_shared (", num_shared, ") + routed experts (", R,
+              ") must equal the experts (", E, ")");
+  TORCH_CHECK(k_routed >= 1 && k_routed <= R, "k_routed=", k_routed, " must be in 1..", R);
+  // z = (x − mean) ⊙ scale, fp32
+  at::Tensor z = as_f32(x);
+  if (x_mean.has_value() && x_mean->defined()) z = z - as_f32(*x_mean);
+  if (x_scale.has_value() && x_scale->defined()) z = z * as_f32(*x_scale);
+  z = z.contiguous();
+  at::Tensor bias;
+  if (router_b.has_value() && router_b->defined()) {
+    bias = as_f32(*router_b);
+    TORCH_CHECK(bias.numel() == R, "router_b must have ", R, " entries");
+  }
+  at::Tensor logits_t = at::empty({T, R}, z.options());
+  float* logits = logits_t.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (router_w.scalar_type() == at::kFloat) router_logits(zp, router_w.data_ptr<float>(), bp, T, R, D, logits);
+  else router_logits(zp, router_w.data_ptr<bf16>(), bp, T, R, D, logits);
+  // top-k per token (unordered, as torch.topk(sorted=False)); shared experts first
+  const int64_t K = num_shared + k_routed;
+  at::Tensor idx = at::empty({T, K}, x.options().dtype(at::kLong));
+  int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<int32_t> order(static_cast<size_t>(R));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* lt = logits + t * R;
+    for (int64_t r = 0; r < R; ++r) order[r] = static_cast<int32_t>(r);
+    if (k_routed < R)
+      std::nth_element(order.begin(), order.begin() + (k_routed - 1), order.end(),
+                       [lt](int32_t a, int32_t b) { return lt[a] > lt[b] || (lt[a] == lt[b] && a < b); });
+    int64_t* row = ip + t * K;
+    for (int64_t j = 0; j < num_shared; ++j) row[j] = j;
+    for (int64_t j = 0; j < k_routed; ++j) row[num_shared + j] = num_shared + order[j];
+  }
+  at::Tensor out = fused_expert_ffn(x, w_in, b_in, w_out, idx, std::nullopt, act, gated, centre, out_init);
+  return {out, idx, logits_t};
+}
+
 // Dense-path activations of the MoE layer: pre (T*E, R) from one GEMM over all experts, row q of
 // expert q % E; u[q, :] = mask[q] · (act(gate) ⊙ up − centre[q % E]) (T*E, S) fp32. With the 0/1
 // selection mask, u W_out over all experts equals the block-sparse kernel's sum.
@@ -899,6 +1005,10 @@ TORCH_LIBRARY(MOEFY_LIB, m) {
       "fused_expert_ffn(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out, Tensor idx, Tensor? scale, int act, "
       "bool gated, Tensor? centre=None, Tensor? out_init=None) -> Tensor");
   m.def("centred_activation(Tensor pre, Tensor centre, Tensor mask, int act, bool gated) -> Tensor");
+  m.def(
+      "routed_expert_ffn(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor router_w, Tensor? router_b, "
+      "int num_shared, int k_routed, Tensor w_in, Tensor? b_in, Tensor w_out, int act, bool gated, "
+      "Tensor? centre=None, Tensor? out_init=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
@@ -908,4 +1018,5 @@ TORCH_LIBRARY_IMPL(MOEFY_LIB, CPU, m) {
   m.impl("grouped_wgrad", &grouped_wgrad);
   m.impl("fused_expert_ffn", &fused_expert_ffn);
   m.impl("centred_activation", &centred_activation);
+  m.impl("routed_expert_ffn", &routed_expert_ffn);
 }
