@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from moefy.errors import InvalidArgumentError
 from moefy.flops import compensation_flops
 from moefy.kernels import ExpertWeights, get_kernel
-from moefy.kernels.cpu import cpu_routed_expert_ffn
+from moefy.kernels.cpu import activation_code, routed_kernel_applies
+from moefy.kernels.cpu_ext import cpu_ops
 from moefy.kernels.dispatch import DECODE_MAX_TOKENS, centred_expert_ffn
 from moefy.layers.routers import RouterOutput
 from moefy.routers import ExpertRouter, select_top
@@ -307,26 +308,12 @@ class MoEFFN(nn.Module):
         """Inference for a few tokens with a linear router and fixed k: y (T, D) from one C++ call
         (router, top-k, shared experts, kernel, M + b_out + compensation), plus the low-rank path;
         None where that call does not apply (the caller takes the staged path)."""
-        router = self.router
-        k_routed = self.top_k - self.num_shared
-        if (
-            self.selection != "router" or self.tau is not None or x2.shape[0] > DECODE_MAX_TOKENS or k_routed < 1
-            or self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad
-            or not isinstance(router, ExpertRouter) or router.tau is not None or router.training
-        ):
+        if x2.shape[0] > DECODE_MAX_TOKENS:
             return None
-        scorer = router.scorer
-        if scorer.hidden != 0 or not isinstance(scorer.net, nn.Linear):
+        args = self._decode_args(x2)
+        if args is None:
             return None
-        x_mean, x_scale = scorer.x_mean, scorer.x_scale
-        assert isinstance(x_mean, Tensor) and isinstance(x_scale, Tensor)
-        got = cpu_routed_expert_ffn(
-            x2, self.expert_weights, scorer.net, x_mean, x_scale, self.num_shared, k_routed,
-            self.active_representatives(), self._total(with_compensation=True),
-        )
-        if got is None:
-            return None
-        y, idx, logits = got
+        y, idx, logits = cpu_ops().routed_expert_ffn(x2.contiguous(), *args)
         state = vars(self)  # plain attributes: skip nn.Module.__setattr__
         state["_routing"] = (logits, idx)
         if self.lowrank_a is not None and self.lowrank_b is not None:
@@ -334,6 +321,52 @@ class MoEFFN(nn.Module):
         state["tokens_seen"] += x2.shape[0]
         state["experts_selected"] += idx.numel()
         return y
+
+    def _decode_args(self, x2: Tensor) -> tuple | None:
+        """The fused decode call's arguments after x, or None where it does not apply. Cached: the
+        key is every setting the call depends on and the identity, storage and version of every
+        tensor it reads, so a changed k, selection, r, router or dtype rebuilds it (a few
+        microseconds per call instead of tens for the checks and the M + b_out + c lookup)."""
+        router = self.router
+        if not isinstance(router, ExpertRouter) or not isinstance(router.scorer.net, nn.Linear):
+            return None
+        scorer = router.scorer
+        tensors = [*self._parameters.values(), *self._buffers.values(), *scorer._buffers.values(),
+                   *scorer.net._parameters.values()]
+        key = (
+            self.top_k, self.num_shared, self.selection, self.tau, self.kernel_name, self.zero_representatives,
+            router.tau, router.training, scorer.hidden, x2.dtype, x2.device, x2.requires_grad, torch.is_grad_enabled(),
+            *((id(t), t.data_ptr(), t._version, t.requires_grad) for t in tensors if t is not None),
+        )
+        cached = self.__dict__.get("_decode_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        args = self._build_decode_args(x2)
+        self.__dict__["_decode_cache"] = (key, args)
+        return args
+
+    def _build_decode_args(self, x2: Tensor) -> tuple | None:
+        router = self.router
+        k_routed = self.top_k - self.num_shared
+        if (
+            self.selection != "router" or self.tau is not None or k_routed < 1
+            or self.kernel_name not in ("auto", "cpu") or self.representatives.requires_grad
+            or not isinstance(router, ExpertRouter) or router.tau is not None or router.training
+        ):
+            return None
+        scorer = router.scorer
+        net = scorer.net
+        if scorer.hidden != 0 or not isinstance(net, nn.Linear):
+            return None
+        x_mean, x_scale = scorer.x_mean, scorer.x_scale
+        assert isinstance(x_mean, Tensor) and isinstance(x_scale, Tensor)
+        weights, centre, total = self.expert_weights, self.active_representatives(), self._total(with_compensation=True)
+        if not routed_kernel_applies(x2, weights, net, x_mean, x_scale, centre, total):
+            return None
+        b_in = weights.b_in
+        return (x_mean, x_scale, net.weight.contiguous(), net.bias, self.num_shared, k_routed,
+                weights.w_in.contiguous(), None if b_in is None else b_in.contiguous(), weights.w_out.contiguous(),
+                activation_code(weights.act), weights.gated, centre, total)
 
     def _centred_experts(self, x2: Tensor, idx: Tensor, total: Tensor) -> Tensor | None:
         """total + Σ_{e∈S} (a_e(x) − r_e) W_out[e] = total + Σ_{e∈S} (v_e − m_e) by the fused C++

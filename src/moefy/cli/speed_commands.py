@@ -23,6 +23,17 @@ def _check(args: argparse.Namespace) -> None:
 LAYER_SHAPES = ((576, 1536), (2048, 5632), (4096, 11008))
 
 
+def prefill_shape(text: str) -> tuple[int, int]:
+    """--prefill ROWSxTOKENS, e.g. 4x256 (rows 1..64, tokens 8..2048)."""
+    try:
+        rows, length = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxTOKENS, e.g. 4x256") from None
+    if not (1 <= rows <= 64 and 8 <= length <= 2048):
+        raise argparse.ArgumentTypeError(f"{text!r}: rows must be 1..64 and tokens 8..2048")
+    return rows, length
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Speed, dense vs MoE, measured in one run (interleaved, medians over repeats, as ratios):
     FFN-layer latency for gated layers with random weights at batch 1 and 256 tokens, with the
@@ -72,7 +83,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         converted = MoEModel.from_pretrained(args.model, base=args.base).configure(**changes)
         dense = load_model(converted.loaded.source)
-        batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, 256, 4)
+        rows, length = args.prefill
+        batch = tokenize_text(bundled_text("english", "evaluation"), dense.tokenizer, max(length, 32), rows)
+        prefill = batch.input_ids[:, :length]
         prompt = batch.input_ids[:1, :32]
         if args.profile:
             from moefy.bench_model import PROFILE_STAGES, profile_decode
@@ -85,11 +98,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"(FFN {prof['moe_ffn_ms']:.2f}, rest {prof['moe_rest_ms']:.2f})")
             stages = ", ".join(f"{s} {prof[f'layer_{s}_us']:.0f}" for s in PROFILE_STAGES)
             print(f"per layer, us: dense FFN {prof['dense_layer_us']:.0f}; MoE {prof['layer_total_us']:.0f} = {stages}")
-        e2e = bench_models(dense.model, converted.model, prompt, batch.input_ids,
+        e2e = bench_models(dense.model, converted.model, prompt, prefill,
                            new_tokens=args.new_tokens, repeats=args.repeats, clock=args.clock)
         results["end_to_end"] = e2e
         print(f"decode: dense {e2e['dense_decode_tok_s']:.1f} tok/s, MoE {e2e['moe_decode_tok_s']:.1f} tok/s "
-              f"({e2e['decode_speedup']:.2f}x); prefill 4x256: dense {e2e['dense_prefill_ms']:.0f} ms, "
+              f"({e2e['decode_speedup']:.2f}x); prefill {rows}x{length}: dense {e2e['dense_prefill_ms']:.0f} ms, "
               f"MoE {e2e['moe_prefill_ms']:.0f} ms ({e2e['prefill_speedup']:.2f}x)")
     if args.json:
         write_json(args.json, results)
@@ -103,6 +116,8 @@ def add_bench(s: argparse.ArgumentParser) -> None:
     s.add_argument("--no-layers", action="store_true", help="skip the FFN-layer benchmark")
     s.add_argument("--repeats", type=int, default=10, metavar="N", help="timed repeats per configuration, median (default: 10)")
     s.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens to decode end to end (default: 32)")
+    s.add_argument("--prefill", type=prefill_shape, default=(4, 256), metavar="ROWSxTOKENS",
+                   help="the end-to-end prefill batch (default: 4x256)")
     s.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: 0, torch's own)")
     s.add_argument("--profile", action="store_true",
                    help="with --model: also break a decode step down per layer (router, select, kernel, static, other)")

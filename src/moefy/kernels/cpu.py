@@ -202,12 +202,9 @@ def cpu_routed_expert_ffn(
     Returns (out (T, D), idx (T, num_shared + k_routed) int64, logits (T, R) fp32), or None where
     the C++ path does not apply (see `centred_kernel_applies`; also a router that needs gradients or
     is not a CPU float32/bfloat16 matrix). Sums are fp32, the router's included."""
-    w_r, b_r = router.weight, router.bias
-    if not centred_kernel_applies(x, weights, centre, out_init) or _needs_grad(w_r, b_r, x_mean, x_scale):
+    if not routed_kernel_applies(x, weights, router, x_mean, x_scale, centre, out_init):
         return None
-    if w_r.device.type != "cpu" or w_r.dtype not in CPU_DTYPES:
-        return None
-    b_in = weights.b_in
+    w_r, b_r, b_in = router.weight, router.bias, weights.b_in
     try:
         out, idx, logits = cpu_ops().routed_expert_ffn(
             x.contiguous(), x_mean, x_scale, w_r.contiguous(), b_r, num_shared, k_routed,
@@ -217,3 +214,16 @@ def cpu_routed_expert_ffn(
     except RuntimeError as err:
         raise InvalidArgumentError(str(err).splitlines()[0]) from None
     return out, idx, logits
+
+
+def routed_kernel_applies(
+    x: Tensor, weights: ExpertWeights, router: nn.Linear, x_mean: Tensor | None, x_scale: Tensor | None,
+    centre: Tensor, out_init: Tensor | None = None,
+) -> bool:
+    """Whether `cpu_routed_expert_ffn` runs here: `centred_kernel_applies`, and a CPU float32/bfloat16
+    router matrix that needs no gradients."""
+    w_r = router.weight
+    return (
+        centred_kernel_applies(x, weights, centre, out_init) and not _needs_grad(w_r, router.bias, x_mean, x_scale)
+        and w_r.device.type == "cpu" and w_r.dtype in CPU_DTYPES
+    )

@@ -910,13 +910,21 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
 
 template <typename W>
 void router_logits(const float* z, const W* wr, const float* br, int64_t T, int64_t R, int64_t D, float* logits) {
-  for (int64_t t = 0; t < T; ++t) {  // T is small: one token at a time keeps the code simple; rows are read T times
-    const float* xs[1] = {z + t * D};
-    float* lt = logits + t * R;
-    dot_rows<1>(xs, wr, R, D, lt);
-    if (br)
-      for (int64_t r = 0; r < R; ++r) lt[r] += br[r];
-  }
+  // blocks of 16 router rows split over threads; T is small: one token at a time (rows re-read from cache)
+  constexpr int64_t RB = 16;
+  const int64_t blocks = (R + RB - 1) / RB;
+  at::parallel_for(0, blocks, grain_for(blocks, T * R * D), [&](int64_t begin, int64_t end) {
+    float tile[RB];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * RB, rows = std::min(RB, R - r0);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xs[1] = {z + t * D};
+        dot_rows<1>(xs, wr + r0 * D, rows, D, tile);
+        float* lt = logits + t * R + r0;
+        for (int64_t r = 0; r < rows; ++r) lt[r] = tile[r] + (br ? br[r0 + r] : 0.0f);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_expert_ffn(
