@@ -205,6 +205,8 @@ def test_bench_layer_reports_its_roofline() -> None:
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--profile", "--no-layers"], "--profile needs --model"),
     (["bench", "--clock", "cpu", "--threads", "2", "--no-layers"], "--clock cpu needs --threads 1"),
+    (["bench", "--prefill", "4by256", "--no-layers"], "not ROWSxTOKENS"),
+    (["bench", "--prefill", "0x256", "--no-layers"], "rows must be 1..64"),
 ])
 def test_bench_cli_rejects_inconsistent_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     from moefy.cli import main
