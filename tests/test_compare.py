@@ -104,7 +104,13 @@ def test_an_interrupted_grid_resumes_to_the_same_rows(grid, tiny_folder: Path, t
     again: list[str] = []
     resumed = run_compare(_spec(tiny_folder, methods=methods), out, on_row=lambda row: again.append(row["key"]))
     assert again and not set(again) & set(seen)  # finished rows are not run again
-    assert _numbers(resumed["rows"]) == _numbers([r for r in whole["rows"] if r["method"] in methods])
+    # the same rows to float rounding: the batched kernels' measured sparse/dense choice (and the
+    # thread split of their sums) can differ between runs, which moves the last bits
+    got, want = _numbers(resumed["rows"]), _numbers([r for r in whole["rows"] if r["method"] in methods])
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert [m[:3] for m in g[3]] == [m[:3] for m in w[3]], g[0]
+        assert [v for m in g[3] for v in (m[3], *m[4])] == pytest.approx([v for m in w[3] for v in (m[3], *m[4])], rel=1e-6), g[0]
 
 
 def test_a_grid_of_other_settings_is_not_mixed_in(grid, tiny_folder: Path) -> None:

@@ -333,16 +333,20 @@ class MoEFFN(nn.Module):
         scorer = router.scorer
         tensors = [*self._parameters.values(), *self._buffers.values(), *scorer._buffers.values(),
                    *scorer.net._parameters.values()]
+        present = [t for t in tensors if t is not None]
         key = (
             self.top_k, self.num_shared, self.selection, self.tau, self.kernel_name, self.zero_representatives,
             router.tau, router.training, scorer.hidden, x2.dtype, x2.device, x2.requires_grad, torch.is_grad_enabled(),
-            *((id(t), t.data_ptr(), t._version, t.requires_grad) for t in tensors if t is not None),
+            *((t.data_ptr(), t._version, t.requires_grad) for t in present),
         )
-        cached = self.__dict__.get("_decode_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self.__dict__.get("_decode_cache")  # (key, the tensors themselves, args)
+        if (
+            cached is not None and cached[0] == key and len(cached[1]) == len(present)
+            and all(a is b for a, b in zip(cached[1], present, strict=True))
+        ):
+            return cached[2]
         args = self._build_decode_args(x2)
-        self.__dict__["_decode_cache"] = (key, args)
+        self.__dict__["_decode_cache"] = (key, present, args)  # holding them: no id or storage is reused
         return args
 
     def _build_decode_args(self, x2: Tensor) -> tuple | None:

@@ -120,7 +120,7 @@ def add_bench(s: argparse.ArgumentParser) -> None:
                    help="the end-to-end prefill batch (default: 4x256)")
     s.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: 0, torch's own)")
     s.add_argument("--profile", action="store_true",
-                   help="with --model: also break a decode step down per layer (router, select, kernel, static, other)")
+                   help="with --model: also break a decode step down per layer (fused call, or router, select, kernel, static; other)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="layer benchmark weights (default: float32)")
     s.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: the thread's CPU time, robust on a shared machine (needs --threads 1)")

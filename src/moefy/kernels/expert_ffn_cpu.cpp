@@ -431,6 +431,39 @@ at::Tensor grouped_in(const at::Tensor& x_in, const at::Tensor& w, const std::op
 // ---------------------------------------------------------------------------------------------
 // grouped_out: out[t, :] = Σ_{slots of t} Σ_s a[slot, s] W[e, s, :]
 
+// o[:] += Σ_s c[s] w[s, :] over `rows` weight rows (4 at a time), shadowing the block `pf` elements away.
+template <typename W>
+inline void accumulate_rows(float* o, const float* c, const W* w, int64_t rows, int64_t D, int64_t pf) {
+  int64_t s = 0;
+  for (; s + 4 <= rows; s += 4) {
+    const W* w0 = w + s * D;
+    const vf c0 = splat(c[s]), c1 = splat(c[s + 1]), c2 = splat(c[s + 2]), c3 = splat(c[s + 3]);
+    int64_t d = 0;
+    for (; d + L <= D; d += L) {
+#if PF_DIST
+      for (int64_t r = 0; r < 4; ++r) __builtin_prefetch(reinterpret_cast<const char*>(w0 + r * D + d) + PF_DIST, 0, 3);
+#endif
+      if (sizeof(W) == 4 || (d & 31) == 0)
+        for (int64_t r = 0; r < 4; ++r) shadow(w0 + r * D + d, pf);
+      store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
+                                  (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
+    }
+    for (; d < D; ++d)
+      o[d] += c[s] * scalar(w0[d]) + c[s + 1] * scalar(w0[D + d]) + c[s + 2] * scalar(w0[2 * D + d]) +
+              c[s + 3] * scalar(w0[3 * D + d]);
+  }
+  for (; s < rows; ++s) {
+    const W* w0 = w + s * D;
+    const vf c0 = splat(c[s]);
+    int64_t d = 0;
+    for (; d + L <= D; d += L) {
+      if (sizeof(W) == 4 || (d & 31) == 0) shadow(w0 + d, pf);
+      store(o + d, load(o + d) + c0 * load(w0 + d));
+    }
+    for (; d < D; ++d) o[d] += c[s] * scalar(w0[d]);
+  }
+}
+
 // Few tokens: split the selected rows among threads (each streams contiguous expert blocks) and
 // accumulate into thread-private rows of out, summed at the end.
 template <typename W>
@@ -461,38 +494,9 @@ void grouped_out_rows(const float* a, const W* w, const Groups& g, int64_t E, in
           if ((it.s1 - it.s0) * D * int64_t(sizeof(W)) >= SHADOW_MIN_BYTES)
             pf = ((items[i + 1].e - it.e) * S + (items[i + 1].s0 - it.s0)) * D;
         }
-        for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q) {
-          float* o = acc + g.tokens[q] * D;
-          const float* c = a + g.arows[q] * S;
-          int64_t s = it.s0;
-          for (; s + 4 <= it.s1; s += 4) {
-            const W* w0 = w + (it.e * S + s) * D;
-            const vf c0 = splat(c[s]), c1 = splat(c[s + 1]), c2 = splat(c[s + 2]), c3 = splat(c[s + 3]);
-            int64_t d = 0;
-            for (; d + L <= D; d += L) {
-#if PF_DIST
-              for (int64_t r = 0; r < 4; ++r) __builtin_prefetch(reinterpret_cast<const char*>(w0 + r * D + d) + PF_DIST, 0, 3);
-#endif
-              if (sizeof(W) == 4 || (d & 31) == 0)
-                for (int64_t r = 0; r < 4; ++r) shadow(w0 + r * D + d, pf);
-              store(o + d, load(o + d) + ((c0 * load(w0 + d) + c1 * load(w0 + D + d)) +
-                                          (c2 * load(w0 + 2 * D + d) + c3 * load(w0 + 3 * D + d))));
-            }
-            for (; d < D; ++d)
-              o[d] += c[s] * scalar(w0[d]) + c[s + 1] * scalar(w0[D + d]) + c[s + 2] * scalar(w0[2 * D + d]) +
-                      c[s + 3] * scalar(w0[3 * D + d]);
-          }
-          for (; s < it.s1; ++s) {
-            const W* w0 = w + (it.e * S + s) * D;
-            const vf c0 = splat(c[s]);
-            int64_t d = 0;
-            for (; d + L <= D; d += L) {
-              if (sizeof(W) == 4 || (d & 31) == 0) shadow(w0 + d, pf);
-              store(o + d, load(o + d) + c0 * load(w0 + d));
-            }
-            for (; d < D; ++d) o[d] += c[s] * scalar(w0[d]);
-          }
-        }
+        for (int64_t q = g.offsets[it.e]; q < g.offsets[it.e + 1]; ++q)
+          accumulate_rows(acc + g.tokens[q] * D, a + g.arows[q] * S + it.s0, w + (it.e * S + it.s0) * D,
+                          it.s1 - it.s0, D, pf);
       }
     }
   });
@@ -853,6 +857,137 @@ void activate_slots(const float* pre, const int64_t* slots, int64_t n, const flo
   });
 }
 
+#ifndef DECODE_ONE_PASS
+#define DECODE_ONE_PASS 1
+#endif
+
+// Few tokens (decoding), one parallel region: each thread takes a contiguous range of the selected
+// experts and, expert by expert, runs the input projection for that expert's tokens, the centred
+// activation and the down projection into thread-private output rows (summed at the end). Every
+// selected expert's W_in and W_out blocks are streamed once, back to back, with no (T·K, R)
+// intermediate; the next expert's blocks are prefetched while one is computed. out starts as the
+// caller's init (T, D).
+template <typename X, typename W>
+void decode_experts(const X* x, const W* w_in, const W* b_in, const W* w_out, const Groups& g, int64_t E, int64_t R,
+                    int64_t S, int64_t D, int64_t T, const float* scale, const float* centre, int64_t act, bool gated,
+                    float* out) {
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < E; ++e)
+    if (g.offsets[e + 1] > g.offsets[e]) used.push_back(e);
+  const int64_t U = static_cast<int64_t>(used.size());
+  const int64_t work = (g.offsets[E] - g.offsets[0]) * (R + S) * D;
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), U, work / MIN_WORK}));
+  std::vector<float> part(static_cast<size_t>((nthreads - 1) * T * D), 0.0f);
+  const int64_t chunk = (U + nthreads - 1) / nthreads;
+  const bool shadow_in = R * D * int64_t(sizeof(W)) >= SHADOW_MIN_BYTES;
+  const bool shadow_out = S * D * int64_t(sizeof(W)) >= SHADOW_MIN_BYTES;
+  at::parallel_for(0, nthreads, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> tile(static_cast<size_t>(R * IN_TB));
+    std::vector<float> v(static_cast<size_t>((S + L - 1) / L * L)), a(static_cast<size_t>(S));
+    for (int64_t p = pb; p < pe; ++p) {
+      float* acc = p == 0 ? out : part.data() + (p - 1) * T * D;
+      const int64_t i1 = std::min(U, (p + 1) * chunk);
+      for (int64_t i = p * chunk; i < i1; ++i) {
+        const int64_t e = used[i], next = i + 1 < i1 ? used[i + 1] : -1;
+        if (next >= 0) prefetch_rows(w_in + next * R * D, D);
+        prefetch_rows(w_out + e * S * D, D);
+        const int64_t pf_in = next >= 0 && shadow_in ? (next - e) * R * D : 0;
+        const int64_t pf_out = next >= 0 && shadow_out ? (next - e) * S * D : 0;
+        for (int64_t q0 = g.offsets[e]; q0 < g.offsets[e + 1]; q0 += IN_TB) {
+          const int64_t n = std::min(IN_TB, g.offsets[e + 1] - q0);
+          const X* xs[IN_TB];
+          for (int64_t tb = 0; tb < n; ++tb) xs[tb] = x + g.tokens[q0 + tb] * D;
+          const W* wi = w_in + e * R * D;
+          float* tp = tile.data();
+          switch (n) {
+#if IN_TB_MAX == 8
+            case 8: dot_rows<8>(xs, wi, R, D, tp, pf_in); break;
+            case 7: dot_rows<7>(xs, wi, R, D, tp, pf_in); break;
+            case 6: dot_rows<6>(xs, wi, R, D, tp, pf_in); break;
+            case 5: dot_rows<5>(xs, wi, R, D, tp, pf_in); break;
+#endif
+            case 4: dot_rows<4>(xs, wi, R, D, tp, pf_in); break;
+            case 3: dot_rows<3>(xs, wi, R, D, tp, pf_in); break;
+            case 2: dot_rows<2>(xs, wi, R, D, tp, pf_in); break;
+            default: dot_rows<1>(xs, wi, R, D, tp, pf_in); break;
+          }
+          for (int64_t tb = 0; tb < n; ++tb) {  // pre[r] = tile[r * n + tb] (+ bias)
+            auto pre = [&](int64_t r) { return tp[r * n + tb] + (b_in ? scalar(b_in[e * R + r]) : 0.0f); };
+            for (int64_t j = 0; j < S; ++j) v[j] = pre(j);
+            for (int64_t j = S; j < static_cast<int64_t>(v.size()); ++j) v[j] = 0.0f;
+            for (int64_t j = 0; j < S; j += L) store(v.data() + j, vactivate(load(v.data() + j), act));
+            const int64_t slot = g.slots[q0 + tb];
+            const float c = scale ? scale[slot] : 1.0f;
+            const float* ctr = centre ? centre + e * S : nullptr;
+            for (int64_t j = 0; j < S; ++j) {
+              float r = gated ? v[j] * pre(S + j) : v[j];
+              if (ctr) r -= ctr[j];
+              a[j] = r * c;
+            }
+            accumulate_rows(acc + g.tokens[q0 + tb] * D, a.data(), w_out + e * S * D, S, D, pf_out);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t p = 1; p < nthreads; ++p) {
+    const float* src = part.data() + (p - 1) * T * D;
+    for (int64_t i = 0; i < T * D; ++i) out[i] += src[i];
+  }
+}
+
+// fused_expert_ffn for T <= FEW_TOKENS: checks and dtype dispatch around decode_experts.
+at::Tensor fused_decode(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
+                        const at::Tensor& w_out, const at::Tensor& offsets, const at::Tensor& slots, int64_t K,
+                        const std::optional<at::Tensor>& scale, int64_t act, bool gated,
+                        const std::optional<at::Tensor>& centre, const std::optional<at::Tensor>& out_init) {
+  check_weight(w_in, "w_in");
+  TORCH_CHECK(w_in.scalar_type() == w_out.scalar_type(), "w_in and w_out must have one dtype");
+  const int64_t E = w_out.size(0), S = w_out.size(1), D = w_out.size(2), R = w_in.size(1);
+  TORCH_CHECK(w_in.size(0) == E && w_in.size(2) == D, "w_in must be (", E, ", rows, ", D, ")");
+  TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == D, "x must be (T, ", D, ")");
+  const int64_t T = x_in.size(0);
+  const bool has_b = b_in.has_value() && b_in->defined();
+  if (has_b)
+    TORCH_CHECK(b_in->is_contiguous() && b_in->numel() == E * R && b_in->scalar_type() == w_in.scalar_type(), "bad bias");
+  at::Tensor sc, ctr, init;
+  if (scale.has_value() && scale->defined()) {
+    sc = as_f32(*scale);
+    TORCH_CHECK(sc.numel() == T * K, "scale must be (T, K)");
+  }
+  if (centre.has_value() && centre->defined()) {
+    ctr = as_f32(*centre);
+    TORCH_CHECK(ctr.numel() == E * S, "centre must be (E, S) = (", E, ", ", S, ")");
+  }
+  at::Tensor out;
+  if (out_init.has_value() && out_init->defined()) {
+    init = as_f32(*out_init);
+    TORCH_CHECK(init.numel() == D, "out_init must be (D,) = (", D, ",)");
+    out = init.reshape({1, D}).repeat({T, 1}).contiguous();
+  } else {
+    out = at::zeros({T, D}, x_in.options().dtype(at::kFloat));
+  }
+  const Groups g = groups_of(offsets, slots, K);
+  const float* scp = sc.defined() ? sc.data_ptr<float>() : nullptr;
+  const float* cp = ctr.defined() ? ctr.data_ptr<float>() : nullptr;
+  float* o = out.data_ptr<float>();
+  if (w_in.scalar_type() == at::kFloat) {
+    const at::Tensor x = as_f32(x_in);
+    decode_experts(x.data_ptr<float>(), w_in.data_ptr<float>(), has_b ? b_in->data_ptr<float>() : nullptr,
+                   w_out.data_ptr<float>(), g, E, R, S, D, T, scp, cp, act, gated, o);
+  } else if (bf16_math(x_in, w_in)) {
+    const at::Tensor x = x_in.contiguous();
+    decode_experts(x.data_ptr<bf16>(), w_in.data_ptr<bf16>(), has_b ? b_in->data_ptr<bf16>() : nullptr,
+                   w_out.data_ptr<bf16>(), g, E, R, S, D, T, scp, cp, act, gated, o);
+  } else {
+    const at::Tensor x = as_f32(x_in);
+    decode_experts(x.data_ptr<float>(), w_in.data_ptr<bf16>(), has_b ? b_in->data_ptr<bf16>() : nullptr,
+                   w_out.data_ptr<bf16>(), g, E, R, S, D, T, scp, cp, act, gated, o);
+  }
+  return out.to(x_in.scalar_type());
+}
+
 at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
                             const at::Tensor& w_out, const at::Tensor& idx, const std::optional<at::Tensor>& scale,
                             int64_t act, bool gated, const std::optional<at::Tensor>& centre,
@@ -862,6 +997,8 @@ at::Tensor fused_expert_ffn(const at::Tensor& x, const at::Tensor& w_in, const s
   const int64_t T = idx.size(0), K = idx.size(1);
   TORCH_CHECK(act >= ACT_SILU && act <= ACT_RELU, "unknown activation code ", act);
   auto [offsets, slots] = build_groups(idx, E);
+  if (DECODE_ONE_PASS && T <= FEW_TOKENS) return fused_decode(x, w_in, b_in, w_out, offsets, slots, K, scale, act, gated,
+                                                               centre, out_init);
   at::Tensor pre = grouped_in(x, w_in, b_in, offsets, slots, K);  // (T*K, R) fp32
   const int64_t R = pre.size(1);
   TORCH_CHECK(R == (gated ? 2 * S : S), "w_in has ", R, " rows per expert; expected ", gated ? 2 * S : S);
