@@ -108,6 +108,30 @@ def test_centred_kernel_and_dense_fallback_equal_reference(
         assert set(dispatch._choices.values()) <= {"sparse", "dense"} and dispatch._choices
 
 
+@needs_cpp
+@pytest.mark.parametrize("pinned", ["sparse", "dense"])
+def test_pinned_mode_replaces_the_timed_choice(pinned: str) -> None:
+    """Under `pinned_centred_mode`, `auto` on a batch runs the pinned path bit for bit and measures
+    nothing (a sequential search's saved outputs must not depend on a timing); outside it, `auto`
+    times again; a bad mode is refused."""
+    e, s, d = 32, 6, 48
+    weights = make_weights(e, s, d, gated=True, seed=3)
+    centre = 0.1 * torch.randn(e, s, generator=torch.Generator().manual_seed(3))
+    idx, _ = make_routing(40, e, 12, empty=True, seed=3)
+    x = torch.randn(40, d, generator=torch.Generator().manual_seed(4))
+    dispatch.clear_centred_choices()
+    with torch.no_grad():
+        want = centred_expert_ffn(x, weights, idx, centre, pinned)
+        with dispatch.pinned_centred_mode(pinned):
+            got = centred_expert_ffn(x, weights, idx, centre, "auto")
+        assert got is not None and want is not None
+        assert torch.equal(got, want) and not dispatch._choices
+        centred_expert_ffn(x, weights, idx, centre, "auto")
+    assert dispatch._choices
+    with pytest.raises(InvalidArgumentError, match="sparse, dense"), dispatch.pinned_centred_mode("auto"):
+        pass
+
+
 def test_dense_fallback_is_pure_torch_and_differentiable() -> None:
     weights = make_weights(8, 4, 16, gated=True, seed=1)
     centre = torch.randn(8, 4)

@@ -28,6 +28,7 @@ from moefy.experts import plan_experts
 from moefy.ffn import FFNWeights, extract_ffn, swap_ffn
 from moefy.flops import FFNShape, compensation_flops, dense_ffn_flops, k_for_budget, moe_ffn_flops
 from moefy.kernels import ExpertWeights
+from moefy.kernels.dispatch import pinned_centred_mode
 from moefy.models import LoadedModel
 from moefy.moe_ffn import MoEFFN
 from moefy.plan import BaseIdentity, LayerPlan, ModelPlan, ffn_fingerprint, ffn_sha256
@@ -241,12 +242,14 @@ def search(
         if checkpoint is not None:
             checkpoint.save_block(layers[i], hidden if i + 1 < len(blocks) else None, time.perf_counter() - t0)
 
-    try:
-        calibrate_blockwise(
-            loaded.model, spec, calibration, sample_size=config.sample_size, eps=config.eps,
-            on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed, weights=weights,
-            start=len(layers), hidden=None if resumed is None else resumed.hidden, on_outputs=on_outputs, parallel=parallel,
-        )
+    try:  # the converted blocks' outputs (the next block's inputs) must not depend on a timing
+        with pinned_centred_mode():
+            calibrate_blockwise(
+                loaded.model, spec, calibration, sample_size=config.sample_size, eps=config.eps,
+                on_block=on_block, sequential=config.sequential, keep=False, seed=config.seed, weights=weights,
+                start=len(layers), hidden=None if resumed is None else resumed.hidden, on_outputs=on_outputs,
+                parallel=parallel,
+            )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,24 @@ log = logging.getLogger(__name__)
 CENTRED_MODES = ("auto", "sparse", "dense")
 # (tokens bucket, E, S, D, K, dtype, threads) -> "sparse" | "dense", measured at first use
 _choices: dict[tuple[object, ...], str] = {}
+# what "auto" means for batches while `pinned_centred_mode` is active (None: measured)
+_pinned: str | None = None
+
+
+@contextmanager
+def pinned_centred_mode(mode: str = "sparse") -> Iterator[None]:
+    """Within the block, `centred_expert_ffn(mode="auto")` runs `mode` for every batch instead of
+    the faster of sparse/dense measured at first use: a result that feeds a saved artefact (a
+    sequential search's next-block inputs) must not depend on which path a timing happened to pick,
+    since the two paths agree only to rounding."""
+    global _pinned
+    if mode not in ("sparse", "dense"):
+        raise InvalidArgumentError(f"mode={mode!r}; valid: sparse, dense")
+    before, _pinned = _pinned, mode
+    try:
+        yield
+    finally:
+        _pinned = before
 
 
 def dense_centred_expert_ffn(
@@ -97,6 +116,8 @@ def centred_expert_ffn(
     if mode not in CENTRED_MODES:
         raise InvalidArgumentError(f"mode={mode!r}; valid: {', '.join(CENTRED_MODES)}")
     t = x.shape[0]
+    if mode == "auto" and _pinned is not None:
+        mode = _pinned
     if mode == "sparse" or (mode == "auto" and t <= DECODE_MAX_TOKENS):
         return cpu_centred_expert_ffn(x, weights, idx, centre, out_init)
     if not centred_kernel_applies(x, weights, centre, out_init):
